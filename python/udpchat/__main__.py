@@ -1,0 +1,126 @@
+"""The ``udpchat`` command: ``udpchat serve`` runs a server, ``udpchat chat`` joins one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import TextIO
+
+from ._udpchat import ChatClientUdp, ChatServerUdp, Message, __version__
+
+PROMPT = "> "
+
+
+def _interval(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="udpchat", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"udpchat {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run a chat server until Ctrl-C")
+    serve.add_argument("--ip", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=9998, help="port to bind, 0 for any (default: %(default)s)")
+    serve.add_argument(
+        "--interval",
+        type=_interval,
+        default=10.0,
+        help="drop clients silent for this many seconds (default: %(default)s)",
+    )
+    chat = commands.add_parser("chat", help="join a chat server: type lines to send them")
+    chat.add_argument("--ip", default="127.0.0.1", help="server address (default: %(default)s)")
+    chat.add_argument("--port", type=int, default=9998, help="server port (default: %(default)s)")
+    chat.add_argument(
+        "--interval", type=_interval, default=5.0, help="seconds between heartbeats (default: %(default)s)"
+    )
+    return parser
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(ip: str, port: int, interval: float) -> int:
+    """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    with ChatServerUdp(ip, port, interval) as server:
+        try:
+            # An untimed wait is interruptible on POSIX: SIGINT and SIGTERM land here.
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            logging.getLogger("udpchat").info("interrupted; %d clients told to end", len(server.clients))
+    return 0
+
+
+def _show(msg: Message, out: TextIO, interactive: bool) -> None:
+    if msg.sender is not None:
+        ip, port = msg.sender
+        line = f"[{ip} {port}] {msg.text}"
+    else:
+        line = msg.text
+    if interactive:
+        # Print above the prompt and redraw it with what was typed so far.
+        import readline
+
+        out.write(f"\r\x1b[K{line}\n{PROMPT}{readline.get_line_buffer()}")
+    else:
+        out.write(line + "\n")
+    out.flush()
+
+
+def chat(ip: str, port: int, interval: float) -> int:
+    """The tutorial's interactive client: each line typed is sent, broadcasts print as they come."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    client = ChatClientUdp(ip, port, interval)
+    client.start()
+    ended = threading.Event()
+
+    def show_messages() -> None:
+        for msg in client:
+            _show(msg, sys.stdout, interactive)
+        if not client.running and not ended.is_set():
+            sys.stdout.write("\nthe server ended the chat\n")
+            sys.stdout.flush()
+            ended.set()
+
+    printer = threading.Thread(target=show_messages, name="udpchat-chat-print", daemon=True)
+    printer.start()
+    try:
+        while client.running:
+            try:
+                line = input(PROMPT if interactive else "")
+            except EOFError:
+                break
+            if line.strip() == "quit":
+                break
+            if line.strip():
+                client.send(line)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ended.set()
+        client.stop()
+        printer.join(timeout=1.0)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args.ip, args.port, args.interval)
+    return chat(args.ip, args.port, args.interval)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

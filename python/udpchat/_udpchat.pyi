@@ -1,0 +1,186 @@
+"""Type stubs for the Rust extension module. Keep in step with src/python/."""
+
+from collections.abc import Iterator
+from types import TracebackType
+from typing import final
+
+from typing_extensions import Self
+
+__version__: str
+MAX_DATAGRAM: int
+"""The largest UDP payload over IPv4 (65,507 bytes): ``ChatServerUdp``'s default ``max_datagram``."""
+
+def reset_log_cache() -> None:
+    """Make udpchat re-read the levels of its ``udpchat.*`` loggers.
+
+    udpchat caches them so that a disabled level costs nothing on the hot path; call this after
+    changing those levels at run time.
+    """
+
+@final
+class Message:
+    """One datagram received from the server."""
+
+    def __new__(cls, raw: bytes) -> Self:
+        """Parse a datagram as the client does."""
+
+    @property
+    def sender(self) -> tuple[str, int] | None:
+        """``(ip, port)`` from the ``ack: ip port`` line, or None if the datagram is not of that form."""
+
+    @property
+    def payload(self) -> bytes:
+        """The message's bytes: after the ``ack:`` line without its final newline, else the whole datagram."""
+
+    @property
+    def text(self) -> str:
+        """``payload`` decoded as UTF-8, invalid bytes replaced (never an exception)."""
+
+    @property
+    def raw(self) -> bytes:
+        """The datagram's exact bytes."""
+
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class ChatServerUdp:
+    """A UDP chat server.
+
+    Registers every sender, relays each message to every live client (the sender included) as
+    ``ack: {ip} {port}\\n{payload}\\n``, and drops clients not heard from for more than
+    ``interval`` seconds. ``stop()`` sends ``end`` to every client.
+    """
+
+    def __new__(
+        cls,
+        ip: str = "127.0.0.1",
+        port: int = 9998,
+        interval: float = 10,
+        *,
+        max_datagram: int = 65507,
+    ) -> Self:
+        """Raises ValueError if ``ip`` is not an IP address, ``port`` is outside 0..65535,
+        ``interval`` is not a positive number of seconds, or ``max_datagram`` is outside 1..65535.
+        A datagram longer than ``max_datagram`` bytes is dropped and counted, never relayed cut."""
+
+    def start(self) -> None:
+        """Bind and start serving.
+
+        Raises OSError (with ``errno``) if the address cannot be bound, RuntimeError if running.
+        """
+
+    def stop(self) -> None:
+        """Send ``end`` to every live client and end all threads; idempotent, returns in
+        milliseconds. Raises RuntimeError if a server thread had panicked."""
+
+    def broadcast(self, msg: str | bytes) -> None:
+        """Send ``msg`` to every live client as a message from the server's own address.
+
+        Raises RuntimeError if the server is not running.
+        """
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``received``, ``broadcasts``, ``deliveries``, ``send_errors``,
+        ``dropped_oversize``, ``expired``, and ``clients`` registered now."""
+
+    @property
+    def clients(self) -> dict[tuple[str, int], float]:
+        """``{(ip, port): last_seen_unix_timestamp}`` of the live clients; empty when stopped."""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The ``(ip, port)`` bound while running (``port=0`` picks a free one), else None."""
+
+    @property
+    def ip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def max_datagram(self) -> int: ...
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``; False if a server thread died."""
+
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+@final
+class ChatClientUdp:
+    """A UDP chat client.
+
+    ``start()`` registers (``reg``), then a thread sends ``^hb^`` every ``interval`` seconds;
+    what the server sends arrives through ``recv()`` or iteration.
+    """
+
+    def __new__(
+        cls,
+        ip: str = "127.0.0.1",
+        port: int = 9998,
+        interval: float = 5,
+        *,
+        max_queue: int = 4096,
+    ) -> Self:
+        """``ip``/``port`` are the server's. Raises ValueError for an ``ip`` that is not an IP
+        address, a ``port`` outside 1..65535, a non-positive ``interval`` or ``max_queue``.
+        At most ``max_queue`` unread messages are held; later ones are dropped and counted."""
+
+    def start(self) -> None:
+        """Register with the server and start the heartbeat and receiver threads.
+
+        Raises OSError if no socket can be opened, RuntimeError if already running.
+        """
+
+    def stop(self) -> None:
+        """Send ``quit`` and end all threads; idempotent, returns in milliseconds. Raises
+        RuntimeError if a client thread had panicked."""
+
+    def send(self, msg: str | bytes = "quit") -> None:
+        """Send ``msg`` (str as UTF-8, or bytes) to the server.
+
+        Raises RuntimeError if the client is not running, OSError if the send fails.
+        """
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message, waiting up to ``timeout`` seconds (None: until one comes).
+
+        Returns None on timeout, or once the client is stopped or the server said ``end`` and
+        every message before it has been read. Releases the GIL; Ctrl-C interrupts it.
+        """
+
+    def __iter__(self) -> Iterator[Message]: ...
+    def __next__(self) -> Message:
+        """Blocks for the next message; iteration ends when the client stops or the server ends."""
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The local ``(ip, port)`` while running, else None."""
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because ``max_queue`` were already waiting unread."""
+
+    @property
+    def ip(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def interval(self) -> float: ...
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``, unless the server ended the chat or a thread died."""
+
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...

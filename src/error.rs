@@ -1,0 +1,44 @@
+//! The core's error type. The PyO3 layer maps it to Python exceptions; nothing else does.
+
+use std::fmt;
+use std::io;
+
+#[derive(Debug)]
+pub enum Error {
+    /// A socket call failed; `context` says which and on what address.
+    Io { context: String, source: io::Error },
+    /// The object is not running (never started, stopped, or closed by the server's `end`).
+    NotRunning,
+    /// A core thread panicked; the message is the panic's.
+    Panicked(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::NotRunning => f.write_str("not running"),
+            Error::Panicked(msg) => write!(f, "a udpchat thread panicked: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,213 @@
+//! The wire protocol of the tutorial (version 0): pure functions, no I/O.
+//!
+//! Client → server datagrams are compared after stripping the ASCII whitespace that Python's
+//! `bytes.strip()` strips, so `nc -u` lines and the tutorial's own client both work.
+//! Server → client: `ack: {ip} {port}\n{payload}\n` for every chat message, `end` on stop.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// Register: the sender counts as alive from now on.
+pub const REG: &[u8] = b"reg";
+/// Heartbeat: the sender counts as alive now.
+pub const HEARTBEAT: &[u8] = b"^hb^";
+/// Leave: the sender is removed.
+pub const QUIT: &[u8] = b"quit";
+/// Sent by the server to every client when it stops.
+pub const END: &[u8] = b"end";
+
+const ACK_PREFIX: &[u8] = b"ack: ";
+
+/// What a datagram received by the server means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    Register,
+    Heartbeat,
+    Quit,
+    /// A chat message; the payload is the datagram with surrounding whitespace stripped.
+    Message(&'a [u8]),
+    /// Nothing but whitespace: ignored.
+    Empty,
+}
+
+/// The whitespace of Python's `bytes.strip()`: space, \t, \n, \r, \x0b, \x0c.
+/// (`u8::is_ascii_whitespace` leaves out \x0b, so the tutorial's server would disagree with it.)
+fn is_python_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// `data.strip()` as the tutorial's server does it.
+pub fn strip(data: &[u8]) -> &[u8] {
+    let start = data
+        .iter()
+        .position(|&b| !is_python_space(b))
+        .unwrap_or(data.len());
+    let end = data
+        .iter()
+        .rposition(|&b| !is_python_space(b))
+        .map_or(start, |i| i + 1);
+    &data[start..end]
+}
+
+/// Classifies a datagram received by the server.
+pub fn classify(data: &[u8]) -> Datagram<'_> {
+    match strip(data) {
+        b"" => Datagram::Empty,
+        REG => Datagram::Register,
+        HEARTBEAT => Datagram::Heartbeat,
+        QUIT => Datagram::Quit,
+        payload => Datagram::Message(payload),
+    }
+}
+
+/// Length of the `ack: {ip} {port}\n` header for `sender`: the broadcast of a payload is this
+/// plus the payload plus one byte.
+pub fn ack_overhead(sender: SocketAddr) -> usize {
+    // "ack: " + ip + " " + port + "\n" + "\n"
+    ACK_PREFIX.len() + sender.ip().to_string().len() + 1 + sender.port().to_string().len() + 2
+}
+
+/// Appends the broadcast datagram `ack: {ip} {port}\n{payload}\n` to `out`.
+///
+/// The ip is written as Python's socket module writes it (`127.0.0.1`, `::1`), without brackets
+/// and without an IPv6 scope, so the tutorial's clients read it as they always did.
+pub fn write_ack(out: &mut Vec<u8>, sender: SocketAddr, payload: &[u8]) {
+    use std::io::Write;
+    out.reserve(ack_overhead(sender) + payload.len());
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "ack: {} {}\n", sender.ip(), sender.port());
+    out.extend_from_slice(payload);
+    out.push(b'\n');
+}
+
+/// A broadcast as a client reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack<'a> {
+    /// The original sender, from the `ack: {ip} {port}` line.
+    pub sender: SocketAddr,
+    /// The payload, without the one newline the server appended.
+    pub payload: &'a [u8],
+}
+
+/// Parses `ack: {ip} {port}\n{payload}\n`. Returns `None` for anything else (the tutorial's
+/// version 1 `ack: {data}`, `end`, or bytes from some other program).
+pub fn parse_ack(datagram: &[u8]) -> Option<Ack<'_>> {
+    let rest = datagram.strip_prefix(ACK_PREFIX)?;
+    let newline = rest.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&rest[..newline]).ok()?;
+    let (ip, port) = header.split_once(' ')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    // u16's parser accepts a leading '+'; the server never writes one.
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    let body = &rest[newline + 1..];
+    let payload = body.strip_suffix(b"\n").unwrap_or(body);
+    Some(Ack {
+        sender: SocketAddr::new(ip, port),
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn control_words_are_recognised_after_stripping() {
+        assert_eq!(classify(b"reg"), Datagram::Register);
+        assert_eq!(classify(b"reg\n"), Datagram::Register);
+        assert_eq!(classify(b" ^hb^\r\n"), Datagram::Heartbeat);
+        assert_eq!(classify(b"\x0bquit\x0c"), Datagram::Quit);
+        assert_eq!(classify(b"regs"), Datagram::Message(b"regs"));
+        assert_eq!(classify(b"REG"), Datagram::Message(b"REG"));
+    }
+
+    #[test]
+    fn empty_and_whitespace_datagrams_are_ignored() {
+        assert_eq!(classify(b""), Datagram::Empty);
+        assert_eq!(classify(b" \t\r\n\x0b\x0c"), Datagram::Empty);
+    }
+
+    #[test]
+    fn message_payload_keeps_inner_bytes_and_non_utf8() {
+        assert_eq!(classify(b"  a b\n c \n"), Datagram::Message(b"a b\n c"));
+        assert_eq!(
+            classify(b"\xff\x00\xfe"),
+            Datagram::Message(b"\xff\x00\xfe")
+        );
+        // NUL and 0x85/0xa0 are not whitespace for bytes.strip().
+        assert_eq!(classify(b"\x00hi\xa0"), Datagram::Message(b"\x00hi\xa0"));
+    }
+
+    #[test]
+    fn ack_matches_the_tutorial_format() {
+        let mut out = Vec::new();
+        write_ack(&mut out, addr("127.0.0.1:5555"), b"hello");
+        assert_eq!(out, b"ack: 127.0.0.1 5555\nhello\n");
+        assert_eq!(out.len(), ack_overhead(addr("127.0.0.1:5555")) + 5);
+        out.clear();
+        write_ack(&mut out, addr("[::1]:9"), b"x");
+        assert_eq!(out, b"ack: ::1 9\nx\n");
+    }
+
+    #[test]
+    fn parse_ack_reads_sender_and_payload() {
+        let ack = parse_ack(b"ack: 10.1.2.3 80\nhi there\n").unwrap();
+        assert_eq!(ack.sender, addr("10.1.2.3:80"));
+        assert_eq!(ack.payload, b"hi there");
+        let ack = parse_ack(b"ack: ::1 65535\n\xff\n\n").unwrap();
+        assert_eq!(ack.sender, addr("[::1]:65535"));
+        assert_eq!(ack.payload, b"\xff\n");
+    }
+
+    #[test]
+    fn parse_ack_rejects_other_forms() {
+        for bad in [
+            &b"end"[..],
+            b"ack: hello",
+            b"ack: 1.2.3.4\nx\n",
+            b"ack: 1.2.3.4 +80\nx\n",
+            b"ack: 1.2.3.4 65536\nx\n",
+            b"ack: nothost 80\nx\n",
+            b"ack:1.2.3.4 80\nx\n",
+            b"ack: 1.2.3.4 80 extra\nx\n",
+        ] {
+            assert_eq!(parse_ack(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn classify_never_panics_and_payload_is_stripped(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Datagram::Message(p) = classify(&data) {
+                prop_assert!(!p.is_empty());
+                prop_assert!(!is_python_space(p[0]) && !is_python_space(p[p.len() - 1]));
+                // The payload is a slice of the datagram: bytes pass through unchanged.
+                let start = p.as_ptr() as usize - data.as_ptr() as usize;
+                prop_assert_eq!(&data[start..start + p.len()], p);
+            }
+        }
+
+        #[test]
+        fn ack_round_trips(ip in any::<IpAddr>(), port in any::<u16>(), payload in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let sender = SocketAddr::new(ip, port);
+            let mut out = Vec::new();
+            write_ack(&mut out, sender, &payload);
+            prop_assert_eq!(out.len(), ack_overhead(sender) + payload.len());
+            let ack = parse_ack(&out).unwrap();
+            prop_assert_eq!(ack.sender, sender);
+            prop_assert_eq!(ack.payload, &payload[..]);
+        }
+
+        #[test]
+        fn parse_ack_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse_ack(&data);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use super::message::Message;
+use super::{parse_ip, parse_seconds, py_addr, to_py, Payload, Port, Slot};
+use crate::client::{Client, ClientConfig};
+
+/// How long a blocking wait runs with the GIL released before it checks for Ctrl-C.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// A UDP chat client: registers with ``reg``, sends ``^hb^`` every ``interval`` seconds, and
+/// delivers what the server sends through ``recv()`` or iteration.
+#[pyclass(frozen, module = "udpchat._udpchat")]
+pub struct ChatClientUdp {
+    config: ClientConfig,
+    ip: String,
+    interval: f64,
+    core: Slot<Client>,
+}
+
+#[pymethods]
+impl ChatClientUdp {
+    #[new]
+    #[pyo3(signature = (ip = "127.0.0.1", port = Port(9998), interval = 5.0, *, max_queue = 4096))]
+    fn new(ip: &str, port: Port, interval: f64, max_queue: usize) -> PyResult<Self> {
+        if port.0 == 0 {
+            return Err(PyValueError::new_err(
+                "port must be the server's port, in 1..65535, got 0",
+            ));
+        }
+        if max_queue == 0 {
+            return Err(PyValueError::new_err("max_queue must be at least 1"));
+        }
+        Ok(ChatClientUdp {
+            config: ClientConfig {
+                server: SocketAddr::new(parse_ip(ip)?, port.0),
+                interval: parse_seconds("interval", interval)?,
+                max_queue,
+            },
+            ip: ip.to_owned(),
+            interval,
+            core: Slot::new(),
+        })
+    }
+
+    /// Registers with the server (``reg``) and starts the heartbeat and receiver threads.
+    /// Raises OSError if no socket can be opened, RuntimeError if already running.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        if self.core.get(py).is_some_and(|c| c.running()) {
+            return Err(PyRuntimeError::new_err("client is already running"));
+        }
+        let config = self.config.clone();
+        let core = py.detach(|| Client::start(config)).map_err(to_py)?;
+        if let Some(old) = self.core.replace(py, core) {
+            // Closed by the server's `end`, or a thread panicked: its threads still need joining.
+            py.detach(|| old.stop());
+        }
+        Ok(())
+    }
+
+    /// Sends ``quit`` and ends all threads. Idempotent. Raises RuntimeError if a client thread had
+    /// panicked.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some(core) = self.core.get(py) {
+            py.detach(|| core.stop());
+            core.failure().map_err(to_py)?;
+        }
+        Ok(())
+    }
+
+    /// Sends ``msg`` (str as UTF-8, or bytes) to the server. The default, ``'quit'``, is the
+    /// tutorial's: the server forgets this client, until its next heartbeat registers it again.
+    #[pyo3(signature = (msg = Payload::Text("quit".to_owned())))]
+    fn send(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
+        let core = self
+            .core
+            .get(py)
+            .ok_or_else(|| PyRuntimeError::new_err("client is not running"))?;
+        py.detach(|| core.send(msg.as_bytes())).map_err(to_py)
+    }
+
+    /// The next message from the server, waiting up to ``timeout`` seconds (None: until one
+    /// comes). Returns None on timeout, or once the client is stopped or closed by the server and
+    /// every message that arrived before has been read.
+    #[pyo3(signature = (timeout = None))]
+    fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Message>> {
+        let deadline = match timeout {
+            Some(t) if t.is_nan() || t < 0.0 => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be >= 0 or None, got {t}"
+                )))
+            }
+            Some(t) => {
+                Instant::now().checked_add(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
+            }
+            None => None,
+        };
+        let Some(core) = self.core.get(py) else {
+            return Ok(None);
+        };
+        let messages = core.messages();
+        loop {
+            let slice = deadline.map_or(SIGNAL_CHECK, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(SIGNAL_CHECK)
+            });
+            match py.detach(|| messages.recv_timeout(slice)) {
+                Ok(datagram) => return Ok(Some(Message::from_datagram(py, &datagram))),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    py.check_signals()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    /// Blocks for the next message; iteration ends when the client stops or the server ends.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Message>> {
+        self.recv(py, None)
+    }
+
+    /// The local ``(ip, port)`` while running, else None.
+    #[getter]
+    fn address(&self, py: Python<'_>) -> Option<(String, u16)> {
+        self.core
+            .get(py)
+            .filter(|c| c.running())
+            .map(|c| py_addr(c.local_addr()))
+    }
+
+    /// Messages dropped because they arrived while ``max_queue`` messages were waiting unread.
+    #[getter]
+    fn dropped(&self, py: Python<'_>) -> u64 {
+        self.core.get(py).map_or(0, |c| c.dropped())
+    }
+
+    #[getter]
+    fn ip(&self) -> &str {
+        &self.ip
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.config.server.port()
+    }
+
+    #[getter]
+    fn interval(&self) -> f64 {
+        self.interval
+    }
+
+    /// True between ``start()`` and ``stop()``, unless the server ended the chat or a client thread died.
+    #[getter]
+    fn running(&self, py: Python<'_>) -> bool {
+        self.core.get(py).is_some_and(|c| c.running())
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        slf.get().start(slf.py())?;
+        Ok(slf)
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
+        self.stop(py)
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        let state = match self.address(py) {
+            Some((ip, port)) => format!("running on {ip}:{port}"),
+            None => "stopped".to_owned(),
+        };
+        format!(
+            "<ChatClientUdp server={}:{} interval={} {state}>",
+            self.ip,
+            self.config.server.port(),
+            self.interval
+        )
+    }
+}

@@ -1,0 +1,80 @@
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use super::py_addr;
+use crate::protocol;
+
+/// One datagram received from the server, parsed once.
+#[pyclass(frozen, module = "udpchat._udpchat")]
+pub struct Message {
+    raw: Py<PyBytes>,
+    sender: Option<SocketAddr>,
+    payload: Range<usize>,
+}
+
+impl Message {
+    pub fn from_datagram(py: Python<'_>, datagram: &[u8]) -> Message {
+        let (sender, payload) = match protocol::parse_ack(datagram) {
+            Some(ack) => {
+                let start = ack.payload.as_ptr() as usize - datagram.as_ptr() as usize;
+                (Some(ack.sender), start..start + ack.payload.len())
+            }
+            None => (None, 0..datagram.len()),
+        };
+        Message {
+            raw: PyBytes::new(py, datagram).unbind(),
+            sender,
+            payload,
+        }
+    }
+
+    fn payload_bytes<'a>(&'a self, py: Python<'a>) -> &'a [u8] {
+        &self.raw.as_bytes(py)[self.payload.clone()]
+    }
+}
+
+#[pymethods]
+impl Message {
+    #[new]
+    fn new(py: Python<'_>, raw: &[u8]) -> Message {
+        Message::from_datagram(py, raw)
+    }
+
+    #[getter]
+    fn sender(&self) -> Option<(String, u16)> {
+        self.sender.map(py_addr)
+    }
+
+    #[getter]
+    fn payload<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.payload_bytes(py))
+    }
+
+    #[getter]
+    fn text(&self, py: Python<'_>) -> String {
+        String::from_utf8_lossy(self.payload_bytes(py)).into_owned()
+    }
+
+    #[getter]
+    fn raw(&self, py: Python<'_>) -> Py<PyBytes> {
+        self.raw.clone_ref(py)
+    }
+
+    fn __eq__(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> bool {
+        other
+            .cast::<Message>()
+            .is_ok_and(|o| o.get().raw.as_bytes(py) == self.raw.as_bytes(py))
+    }
+
+    fn __hash__(&self, py: Python<'_>) -> PyResult<isize> {
+        self.raw.bind(py).hash()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        let sender = self.sender().into_pyobject(py)?.repr()?;
+        let text = PyString::new(py, &self.text(py)).repr()?;
+        Ok(format!("Message(sender={sender}, text={text})"))
+    }
+}

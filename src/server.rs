@@ -1,0 +1,292 @@
+//! The chat server: a receiver thread that classifies datagrams and keeps the client table, and
+//! a fan-out thread that sends each broadcast to every live client, joined by a bounded channel.
+
+use crossbeam_channel::{select, Receiver, Sender};
+use log::{debug, info};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::error::{Error, Result};
+use crate::net;
+use crate::protocol::{self, Datagram};
+use crate::registry::Registry;
+use crate::throttle::{throttled, Throttle};
+use crate::worker::{lock, Stop, Workers};
+
+/// Broadcasts waiting for the fan-out thread. When it falls this far behind, the receiver waits,
+/// and new datagrams queue in the kernel (which drops and counts them) instead of in memory.
+const FANOUT_QUEUE: usize = 1024;
+/// The largest UDP payload over IPv4, the default for `max_datagram`.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    /// A client silent for more than this is dropped.
+    pub interval: Duration,
+    /// A datagram longer than this is dropped and counted, never relayed cut.
+    pub max_datagram: usize,
+}
+
+impl ServerConfig {
+    /// How often silent clients are swept out: often enough that the table never lists one for
+    /// long past its interval, rarely enough to cost nothing.
+    fn sweep_period(&self) -> Duration {
+        (self.interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(250))
+    }
+}
+
+/// Counters, all monotonic but `clients`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub received: u64,
+    pub broadcasts: u64,
+    pub deliveries: u64,
+    pub send_errors: u64,
+    pub dropped_oversize: u64,
+    pub expired: u64,
+    pub clients: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    received: AtomicU64,
+    broadcasts: AtomicU64,
+    deliveries: AtomicU64,
+    send_errors: AtomicU64,
+    dropped_oversize: AtomicU64,
+    expired: AtomicU64,
+}
+
+struct Shared {
+    socket: UdpSocket,
+    local: SocketAddr,
+    config: ServerConfig,
+    registry: Mutex<Registry>,
+    counters: Counters,
+}
+
+impl Shared {
+    /// Drops silent clients and logs them. The lock is released before logging: a log record
+    /// may wait for the GIL, and a Python thread holding the GIL may be waiting for this lock.
+    fn expire(&self, now: Instant, expired: &mut Vec<SocketAddr>) {
+        expired.clear();
+        lock(&self.registry).expire(now, expired);
+        self.counters
+            .expired
+            .fetch_add(expired.len() as u64, Relaxed);
+        for addr in expired.iter() {
+            info!("{addr} expired after {:?} of silence", self.config.interval);
+        }
+    }
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Workers,
+    fanout: Sender<Vec<u8>>,
+}
+
+impl Server {
+    /// Binds and starts the receiver and fan-out threads.
+    pub fn start(config: ServerConfig) -> Result<Server> {
+        let socket = net::bind(config.addr)
+            .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| Error::io("cannot read bound address", e))?;
+        let shared = Arc::new(Shared {
+            socket,
+            local,
+            registry: Mutex::new(Registry::new(config.interval)),
+            config,
+            counters: Counters::default(),
+        });
+        let workers = Workers::new()?;
+        let (fanout, jobs) = crossbeam_channel::bounded(FANOUT_QUEUE);
+        let server = Server {
+            shared: Arc::clone(&shared),
+            workers,
+            fanout: fanout.clone(),
+        };
+        {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
+            server.workers.spawn("udpchat-server-recv", move || {
+                receive(&shared, &stop, &fanout)
+            })?;
+        }
+        {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
+            server.workers.spawn("udpchat-server-send", move || {
+                fan_out(&shared, &stop, &jobs)
+            })?;
+        }
+        info!("serving on {local}, interval {:?}", shared.config.interval);
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+
+    pub fn running(&self) -> bool {
+        self.workers.running()
+    }
+
+    /// Live clients with the wall-clock time each was last heard from.
+    pub fn clients(&self) -> Vec<(SocketAddr, SystemTime)> {
+        let now = Instant::now();
+        self.shared.expire(now, &mut Vec::new());
+        let wall = SystemTime::now();
+        lock(&self.shared.registry)
+            .snapshot()
+            .into_iter()
+            .map(|(addr, seen)| (addr, wall - now.saturating_duration_since(seen)))
+            .collect()
+    }
+
+    /// Sends `payload` to every live client as a message from the server's own address.
+    pub fn broadcast(&self, payload: &[u8]) -> Result<()> {
+        self.workers.check()?;
+        let mut datagram = Vec::new();
+        protocol::write_ack(&mut datagram, self.shared.local, payload);
+        let stop = self.workers.stop();
+        select! {
+            send(self.fanout, datagram) -> sent => sent.map_err(|_| Error::NotRunning),
+            recv(stop.channel()) -> _ => Err(Error::NotRunning),
+        }?;
+        Ok(())
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        Stats {
+            received: c.received.load(Relaxed),
+            broadcasts: c.broadcasts.load(Relaxed),
+            deliveries: c.deliveries.load(Relaxed),
+            send_errors: c.send_errors.load(Relaxed),
+            dropped_oversize: c.dropped_oversize.load(Relaxed),
+            expired: c.expired.load(Relaxed),
+            clients: lock(&self.shared.registry).len() as u64,
+        }
+    }
+
+    /// `Err` if a core thread panicked.
+    pub fn failure(&self) -> Result<()> {
+        self.workers.failure()
+    }
+
+    /// Ends both threads, then sends `end` to every live client. Idempotent; call it with the
+    /// GIL released.
+    pub fn stop(&self) {
+        if !self.workers.stop_and_join() {
+            return;
+        }
+        // Both threads are gone, so nothing can follow the `end`.
+        let shared = &self.shared;
+        let mut ended = 0;
+        for (addr, _) in self.clients() {
+            match net::send(&shared.socket, protocol::END, Some(addr), None) {
+                Ok(()) => ended += 1,
+                Err(e) => debug!("cannot send end to {addr}: {e}"),
+            }
+        }
+        info!(
+            "stopped serving on {}; sent end to {ended} clients",
+            shared.local
+        );
+    }
+}
+
+/// The receiver thread: control words update the table, messages go to the fan-out thread.
+fn receive(shared: &Shared, stop: &Stop, fanout: &Sender<Vec<u8>>) {
+    let max = shared.config.max_datagram;
+    // One byte more than the largest accepted datagram: a longer one fills it and is detected.
+    let mut buf = vec![0u8; max + 1];
+    let mut oversize = Throttle::default();
+    let mut icmp = Throttle::default();
+    let counters = &shared.counters;
+    net::receive_loop(
+        &shared.socket,
+        &mut buf,
+        stop,
+        |data, from| {
+            counters.received.fetch_add(1, Relaxed);
+            if data.len() > max {
+                counters.dropped_oversize.fetch_add(1, Relaxed);
+                throttled!(
+                    oversize,
+                    warn,
+                    "dropped a datagram from {from}: more than {max} bytes"
+                );
+                return;
+            }
+            let now = Instant::now();
+            match protocol::classify(data) {
+                Datagram::Empty => {}
+                Datagram::Register | Datagram::Heartbeat => touch(shared, from, now),
+                Datagram::Quit => {
+                    if lock(&shared.registry).remove(from) {
+                        info!("{from} left");
+                    }
+                }
+                Datagram::Message(payload) => {
+                    touch(shared, from, now);
+                    let mut datagram =
+                        Vec::with_capacity(protocol::ack_overhead(from) + payload.len());
+                    protocol::write_ack(&mut datagram, from, payload);
+                    // Blocks while the fan-out queue is full, but never past stop.
+                    select! {
+                        send(fanout, datagram) -> _ => {},
+                        recv(stop.channel()) -> _ => {},
+                    }
+                }
+            }
+        },
+        |e| throttled!(icmp, debug, "ICMP error on the server socket: {e}"),
+    );
+}
+
+fn touch(shared: &Shared, from: SocketAddr, now: Instant) {
+    let joined = lock(&shared.registry).touch(from, now);
+    if joined {
+        info!("{from} joined");
+    }
+}
+
+/// The fan-out thread: sends each broadcast to every live client and sweeps out silent ones.
+fn fan_out(shared: &Shared, stop: &Stop, jobs: &Receiver<Vec<u8>>) {
+    let sweep = crossbeam_channel::tick(shared.config.sweep_period());
+    let mut recipients = Vec::new();
+    let mut expired = Vec::new();
+    let mut send_errors = Throttle::default();
+    let counters = &shared.counters;
+    loop {
+        select! {
+            recv(jobs) -> job => {
+                let Ok(datagram) = job else { return };
+                let now = Instant::now();
+                shared.expire(now, &mut expired);
+                recipients.clear();
+                lock(&shared.registry).addresses(&mut recipients);
+                counters.broadcasts.fetch_add(1, Relaxed);
+                for &addr in &recipients {
+                    if stop.fired() {
+                        return;
+                    }
+                    match net::send(&shared.socket, &datagram, Some(addr), Some(stop)) {
+                        Ok(()) => counters.deliveries.fetch_add(1, Relaxed),
+                        Err(e) => {
+                            throttled!(send_errors, warn, "cannot send to {addr}: {e}");
+                            counters.send_errors.fetch_add(1, Relaxed)
+                        }
+                    };
+                }
+            },
+            recv(sweep) -> _ => shared.expire(Instant::now(), &mut expired),
+            recv(stop.channel()) -> _ => return,
+        }
+    }
+}

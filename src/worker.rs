@@ -1,0 +1,197 @@
+//! The threads of a server or client: one stop signal they all watch, panics caught and kept.
+
+use crossbeam_channel::{Receiver, Sender};
+use std::io::{PipeReader, PipeWriter};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use crate::error::{Error, Result};
+
+/// Fired once, seen by every kind of wait a core thread does: `poll` sees the pipe hang up,
+/// `select!` sees the channel disconnect, and loops between system calls read the flag.
+pub struct Stop {
+    fired: AtomicBool,
+    pipe: PipeReader,
+    senders: Mutex<Option<(PipeWriter, Sender<()>)>>,
+    channel: Receiver<()>,
+}
+
+impl Stop {
+    pub fn new() -> std::io::Result<Self> {
+        let (pipe, writer) = std::io::pipe()?;
+        let (tx, channel) = crossbeam_channel::bounded(0);
+        Ok(Stop {
+            fired: AtomicBool::new(false),
+            pipe,
+            senders: Mutex::new(Some((writer, tx))),
+            channel,
+        })
+    }
+
+    /// Wakes every thread; idempotent.
+    pub fn fire(&self) {
+        self.fired.store(true, Ordering::Release);
+        // Dropping the write end and the sender is the wake-up.
+        drop(lock(&self.senders).take());
+    }
+
+    pub fn fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Readable (hung up) once fired: for `poll`.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.pipe.as_fd()
+    }
+
+    /// Disconnected once fired: for `select!`.
+    pub fn channel(&self) -> &Receiver<()> {
+        &self.channel
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every critical section
+/// here is a single update), so a panic in one thread never cascades into the others.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The threads of one server or client and what became of them.
+pub struct Workers {
+    stop: Arc<Stop>,
+    failure: Arc<Mutex<Option<String>>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Workers {
+    pub fn new() -> Result<Self> {
+        Ok(Workers {
+            stop: Arc::new(Stop::new().map_err(|e| Error::io("cannot create stop pipe", e))?),
+            failure: Arc::default(),
+            handles: Mutex::default(),
+        })
+    }
+
+    pub fn stop(&self) -> &Arc<Stop> {
+        &self.stop
+    }
+
+    /// Runs `body` on a named thread. A panic is logged, kept for [`Workers::check`], and fires
+    /// the stop signal so the other threads end too: nothing hangs half-alive.
+    pub fn spawn(&self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<()> {
+        let stop = Arc::clone(&self.stop);
+        let failure = Arc::clone(&self.failure);
+        let thread_name = name.to_owned();
+        let handle = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(body)) {
+                    let msg = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".to_owned());
+                    log::error!("thread {thread_name} panicked: {msg}; stopping");
+                    lock(&failure).get_or_insert(format!("{thread_name}: {msg}"));
+                    stop.fire();
+                }
+            })
+            .map_err(|e| Error::io(format!("cannot spawn thread {name}"), e))?;
+        lock(&self.handles).push(handle);
+        Ok(())
+    }
+
+    /// True until stopped or until a thread panicked.
+    pub fn running(&self) -> bool {
+        !self.stop.fired()
+    }
+
+    /// `Err(Panicked)` if a thread panicked.
+    pub fn failure(&self) -> Result<()> {
+        match lock(&self.failure).clone() {
+            Some(msg) => Err(Error::Panicked(msg)),
+            None => Ok(()),
+        }
+    }
+
+    /// `Err(Panicked)` if a thread panicked, `Err(NotRunning)` if stopped, else `Ok`.
+    pub fn check(&self) -> Result<()> {
+        self.failure()?;
+        if self.stop.fired() {
+            return Err(Error::NotRunning);
+        }
+        Ok(())
+    }
+
+    /// Fires the stop signal and joins every thread. Returns false if another caller already
+    /// joined them. Call it with the GIL released: a thread may be logging into Python.
+    pub fn stop_and_join(&self) -> bool {
+        self.stop.fire();
+        let handles = std::mem::take(&mut *lock(&self.handles));
+        let joined_any = !handles.is_empty();
+        for handle in handles {
+            // The body's panic was caught inside the thread, so join cannot fail.
+            let _ = handle.join();
+        }
+        joined_any
+    }
+}
+
+impl Drop for Workers {
+    /// An object dropped without `stop()` still ends its threads (they notice within one wake-up);
+    /// it does not join them, since a drop may run with the GIL held.
+    fn drop(&mut self) {
+        self.stop.fire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_panic_is_kept_and_stops_the_other_threads() {
+        let workers = Workers::new().unwrap();
+        let stop = Arc::clone(workers.stop());
+        workers
+            .spawn("waiter", move || {
+                let _ = stop.channel().recv();
+            })
+            .unwrap();
+        workers.spawn("bomb", || panic!("boom")).unwrap();
+        // The waiter only returns because the panic fired the stop signal.
+        assert!(workers.stop_and_join());
+        match workers.check() {
+            Err(Error::Panicked(msg)) => assert_eq!(msg, "bomb: boom"),
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        assert!(!workers.running());
+    }
+
+    #[test]
+    fn stop_wakes_poll_and_select_and_is_idempotent() {
+        let workers = Workers::new().unwrap();
+        let stop = Arc::clone(workers.stop());
+        workers
+            .spawn("poller", move || {
+                let mut fds = [libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&stop.fd()),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // SAFETY: one valid pollfd, length 1.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 10_000) };
+                assert_eq!(n, 1);
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(workers.check().is_ok());
+        assert!(workers.stop_and_join());
+        assert!(!workers.stop_and_join());
+        assert!(matches!(workers.check(), Err(Error::NotRunning)));
+    }
+}
