@@ -192,3 +192,44 @@ fn heartbeat(shared: &Shared, stop: &Stop, interval: Duration) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{Server, ServerConfig, MAX_DATAGRAM};
+
+    #[test]
+    fn a_client_hears_itself_and_closes_on_end() {
+        let server = Server::start(ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            interval: Duration::from_secs(10),
+            max_datagram: MAX_DATAGRAM,
+        })
+        .unwrap();
+        let client = Client::start(ClientConfig {
+            server: server.local_addr(),
+            interval: Duration::from_millis(50),
+            max_queue: 16,
+        })
+        .unwrap();
+        client.send(b"hello").unwrap();
+        let got = client
+            .messages()
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap();
+        let ack = protocol::parse_ack(&got).unwrap();
+        assert_eq!(
+            (ack.sender, ack.payload),
+            (client.local_addr(), &b"hello"[..])
+        );
+        server.stop();
+        // `end` disconnects the queue and stops the client without a `quit`.
+        assert!(client
+            .messages()
+            .recv_timeout(Duration::from_secs(5))
+            .is_err());
+        assert!(!client.running());
+        client.stop();
+        assert!(client.failure().is_ok());
+    }
+}

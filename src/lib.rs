@@ -10,6 +10,6 @@ pub mod protocol;
 pub mod registry;
 pub mod server;
 mod throttle;
-mod worker;
+pub(crate) mod worker;
 
 mod python;

@@ -234,8 +234,7 @@ fn receive(shared: &Shared, stop: &Stop, fanout: &Sender<Vec<u8>>) {
                 }
                 Datagram::Message(payload) => {
                     touch(shared, from, now);
-                    let mut datagram =
-                        Vec::with_capacity(protocol::ack_overhead(from) + payload.len());
+                    let mut datagram = Vec::new();
                     protocol::write_ack(&mut datagram, from, payload);
                     // Blocks while the fan-out queue is full, but never past stop.
                     select! {
@@ -288,5 +287,68 @@ fn fan_out(shared: &Shared, stop: &Stop, jobs: &Receiver<Vec<u8>>) {
             recv(sweep) -> _ => shared.expire(Instant::now(), &mut expired),
             recv(stop.channel()) -> _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    fn recv(s: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 70_000];
+        let n = s.recv(&mut buf).unwrap();
+        buf[..n].to_vec()
+    }
+
+    fn server(max_datagram: usize) -> Server {
+        Server::start(ServerConfig {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            interval: Duration::from_secs(10),
+            max_datagram,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn relays_to_every_client_and_ends_them_on_stop() {
+        let server = server(MAX_DATAGRAM);
+        let addr = server.local_addr();
+        let (a, b) = (peer(), peer());
+        b.send_to(b"reg", addr).unwrap();
+        a.send_to(b" hi \n", addr).unwrap();
+        let from = a.local_addr().unwrap();
+        let expected = format!("ack: {} {}\nhi\n", from.ip(), from.port());
+        assert_eq!(recv(&a), expected.as_bytes());
+        assert_eq!(recv(&b), expected.as_bytes());
+        assert_eq!(server.clients().len(), 2);
+        server.stop();
+        assert!(!server.running());
+        assert_eq!(recv(&a), b"end");
+        assert_eq!(recv(&b), b"end");
+        let stats = server.stats();
+        assert_eq!(
+            (stats.received, stats.broadcasts, stats.deliveries),
+            (2, 1, 2)
+        );
+    }
+
+    #[test]
+    fn oversize_datagrams_are_dropped_and_counted() {
+        let server = server(100);
+        let addr = server.local_addr();
+        let a = peer();
+        a.send_to(&[b'x'; 101], addr).unwrap();
+        a.send_to(&[b'y'; 100], addr).unwrap();
+        let mut expected = [b'y'; 101];
+        expected[100] = b'\n';
+        assert!(recv(&a).ends_with(&expected));
+        assert_eq!(server.stats().dropped_oversize, 1);
+        server.stop();
     }
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import logging
 import signal
@@ -89,10 +90,12 @@ def chat(ip: str, port: int, interval: float) -> int:
     def show_messages() -> None:
         for msg in client:
             _show(msg, sys.stdout, interactive)
-        if not client.running and not ended.is_set():
-            sys.stdout.write("\nthe server ended the chat\n")
+        if not ended.is_set():
+            # The server said `end`: wake the main thread from input() so the program exits.
+            sys.stdout.write("the server ended the chat\n")
             sys.stdout.flush()
             ended.set()
+            _thread.interrupt_main()
 
     printer = threading.Thread(target=show_messages, name="udpchat-chat-print", daemon=True)
     printer.start()

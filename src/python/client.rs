@@ -1,6 +1,7 @@
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::message::Message;
@@ -18,6 +19,8 @@ pub struct ChatClientUdp {
     ip: String,
     interval: f64,
     core: Slot<Client>,
+    /// `dropped` of the last client stopped, whose socket is closed.
+    final_dropped: AtomicU64,
 }
 
 #[pymethods]
@@ -42,6 +45,7 @@ impl ChatClientUdp {
             ip: ip.to_owned(),
             interval,
             core: Slot::new(),
+            final_dropped: AtomicU64::new(0),
         })
     }
 
@@ -60,11 +64,12 @@ impl ChatClientUdp {
         Ok(())
     }
 
-    /// Sends ``quit`` and ends all threads. Idempotent. Raises RuntimeError if a client thread had
-    /// panicked.
+    /// Sends ``quit``, ends all threads and closes the socket. Idempotent. Raises RuntimeError if a
+    /// client thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        if let Some(core) = self.core.get(py) {
+        if let Some(core) = self.core.take(py) {
             py.detach(|| core.stop());
+            self.final_dropped.store(core.dropped(), Ordering::Relaxed);
             core.failure().map_err(to_py)?;
         }
         Ok(())
@@ -140,7 +145,10 @@ impl ChatClientUdp {
     /// Messages dropped because they arrived while ``max_queue`` messages were waiting unread.
     #[getter]
     fn dropped(&self, py: Python<'_>) -> u64 {
-        self.core.get(py).map_or(0, |c| c.dropped())
+        match self.core.get(py) {
+            Some(core) => core.dropped(),
+            None => self.final_dropped.load(Ordering::Relaxed),
+        }
     }
 
     #[getter]

@@ -91,6 +91,13 @@ impl<T> Slot<T> {
             .clone()
     }
 
+    fn take(&self, py: Python<'_>) -> Option<std::sync::Arc<T>> {
+        self.0
+            .lock_py_attached(py)
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
     fn replace(&self, py: Python<'_>, value: T) -> Option<std::sync::Arc<T>> {
         self.0
             .lock_py_attached(py)

@@ -2,10 +2,12 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
 use super::{parse_ip, parse_seconds, py_addr, to_py, Payload, Port, Slot};
-use crate::server::{Server, ServerConfig, MAX_DATAGRAM};
+use crate::server::{Server, ServerConfig, Stats, MAX_DATAGRAM};
+use crate::worker::lock;
 
 /// A UDP chat server: registers every sender, relays each message to every live client as
 /// ``ack: {ip} {port}\n{payload}\n``, and drops clients silent for more than ``interval`` seconds.
@@ -15,6 +17,8 @@ pub struct ChatServerUdp {
     ip: String,
     interval: f64,
     core: Slot<Server>,
+    /// The counters of the last server stopped, whose socket is closed.
+    final_stats: Mutex<Stats>,
 }
 
 impl ChatServerUdp {
@@ -49,6 +53,7 @@ impl ChatServerUdp {
             ip: ip.to_owned(),
             interval,
             core: Slot::new(),
+            final_stats: Mutex::default(),
         })
     }
 
@@ -67,11 +72,12 @@ impl ChatServerUdp {
         Ok(())
     }
 
-    /// Sends ``end`` to every live client and ends all threads. Idempotent. Raises RuntimeError if
-    /// a server thread had panicked.
+    /// Sends ``end`` to every live client, ends all threads and closes the socket. Idempotent.
+    /// Raises RuntimeError if a server thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        if let Some(core) = self.core.get(py) {
+        if let Some(core) = self.core.take(py) {
             py.detach(|| core.stop());
+            *lock(&self.final_stats) = core.stats();
             core.failure().map_err(to_py)?;
         }
         Ok(())
@@ -86,7 +92,10 @@ impl ChatServerUdp {
     /// Counters since start: datagrams received, broadcasts, deliveries, send errors, datagrams
     /// dropped for being longer than ``max_datagram``, clients expired, and clients registered now.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.core.get(py).map(|c| c.stats()).unwrap_or_default();
+        let s = match self.core.get(py) {
+            Some(core) => core.stats(),
+            None => lock(&self.final_stats).clone(),
+        };
         let dict = PyDict::new(py);
         dict.set_item("received", s.received)?;
         dict.set_item("broadcasts", s.broadcasts)?;

@@ -1,0 +1,115 @@
+"""Fixtures: servers on 127.0.0.1 port 0 and plain-socket peers, all cleaned up."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from udpchat import ChatClientUdp, ChatServerUdp
+
+Addr = tuple[str, int]
+TIMEOUT = 2.0
+
+
+def ack(sender: Addr, payload: bytes) -> bytes:
+    """The broadcast the tutorial's server sends for `payload` from `sender`."""
+    return b"ack: %s %d\n%s\n" % (sender[0].encode(), sender[1], payload)
+
+
+def recv(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:
+    sock.settimeout(timeout)
+    data, _ = sock.recvfrom(70_000)
+    return data
+
+
+def assert_silent(sock: socket.socket, wait: float = 0.2) -> None:
+    """Nothing arrives within `wait` seconds."""
+    sock.settimeout(wait)
+    with pytest.raises(socket.timeout):
+        data = sock.recvfrom(70_000)
+        pytest.fail(f"unexpected datagram {data!r}")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT, step: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def thread_count() -> int:
+    """Every thread of this process, Rust ones included (threading only sees Python's)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def make_server() -> Iterator[Callable[..., ChatServerUdp]]:
+    servers: list[ChatServerUdp] = []
+
+    def make(**kwargs: Any) -> ChatServerUdp:
+        kwargs.setdefault("port", 0)
+        server = ChatServerUdp(**kwargs)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(make_server: Callable[..., ChatServerUdp]) -> ChatServerUdp:
+    return make_server()
+
+
+@pytest.fixture
+def make_peer() -> Iterator[Callable[..., socket.socket]]:
+    """Plain UDP sockets, as `nc -u` or the tutorial's client would use."""
+    peers: list[socket.socket] = []
+
+    def make(family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        sock.settimeout(TIMEOUT)
+        peers.append(sock)
+        return sock
+
+    yield make
+    for sock in peers:
+        sock.close()
+
+
+@pytest.fixture
+def make_client() -> Iterator[Callable[..., ChatClientUdp]]:
+    clients: list[ChatClientUdp] = []
+
+    def make(address: Addr, **kwargs: Any) -> ChatClientUdp:
+        client = ChatClientUdp(*address, **kwargs)
+        client.start()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.stop()
+
+
+def register(sock: socket.socket, server: ChatServerUdp) -> Addr:
+    """Registers a plain peer and waits until the server lists it."""
+    assert server.address is not None
+    sock.sendto(b"reg", server.address)
+    me: Addr = sock.getsockname()[:2]
+    assert wait_until(lambda: me in server.clients), server.clients
+    return me

@@ -1,0 +1,147 @@
+"""ChatClientUdp against the library server and against a plain-socket server."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import ack, assert_silent, recv, wait_until
+
+from udpchat import ChatClientUdp, ChatServerUdp, Message
+
+MakeClient = Callable[..., ChatClientUdp]
+
+
+def test_two_clients_chat_through_the_server(server: ChatServerUdp, make_client: MakeClient) -> None:
+    alice = make_client(server.address)
+    bob = make_client(server.address)
+    assert wait_until(lambda: len(server.clients) == 2)
+    alice.send("hi bob")
+    for client in (alice, bob):
+        msg = client.recv(timeout=2)
+        assert msg is not None
+        assert msg.sender == alice.address
+        assert msg.text == "hi bob"
+        assert msg.raw == ack(alice.address, b"hi bob")
+    bob.send(b"\xffbytes")
+    msg = alice.recv(timeout=2)
+    assert msg is not None and msg.payload == b"\xffbytes" and msg.text == "\ufffdbytes"
+
+
+@pytest.fixture
+def plain_server() -> socket.socket:
+    sock = socket.socket(type=socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(2)
+    yield sock
+    sock.close()
+
+
+def test_client_speaks_the_tutorial_protocol(plain_server: socket.socket, make_client: MakeClient) -> None:
+    client = make_client(plain_server.getsockname(), interval=0.1)
+    data, addr = plain_server.recvfrom(100)
+    assert data == b"reg"
+    assert addr == client.address
+    assert recv(plain_server) == b"^hb^"
+    client.send("hello")
+    while (data := recv(plain_server)) == b"^hb^":
+        pass
+    assert data == b"hello"
+    client.send()  # the tutorial's default message
+    while (data := recv(plain_server)) == b"^hb^":
+        pass
+    assert data == b"quit"
+
+
+def test_client_parses_acks_and_ends_on_end(plain_server: socket.socket, make_client: MakeClient) -> None:
+    client = make_client(plain_server.getsockname(), interval=5)
+    _, addr = plain_server.recvfrom(100)
+    plain_server.sendto(b"ack: 10.0.0.7 4242\nhello there\n", addr)
+    plain_server.sendto(b"ack: not the tutorial form", addr)
+    plain_server.sendto(b"end", addr)
+    first, second = client.recv(2), client.recv(2)
+    assert first == Message(b"ack: 10.0.0.7 4242\nhello there\n")
+    assert first is not None and first.sender == ("10.0.0.7", 4242) and first.text == "hello there"
+    assert second is not None and second.sender is None and second.text == "ack: not the tutorial form"
+    assert client.recv(2) is None
+    assert list(client) == []
+    assert not client.running
+    # Closed by the server, so stop() sends no quit.
+    client.stop()
+    assert_silent(plain_server, 0.1)
+
+
+def test_stop_sends_quit_once_and_ends_iteration(plain_server: socket.socket, make_client: MakeClient) -> None:
+    client = make_client(plain_server.getsockname(), interval=5)
+    assert recv(plain_server) == b"reg"
+    client.stop()
+    assert recv(plain_server) == b"quit"
+    client.stop()
+    assert_silent(plain_server, 0.1)
+    assert client.recv(0.1) is None
+    assert list(client) == []
+    with pytest.raises(RuntimeError, match="not running"):
+        client.send("late")
+
+
+def test_a_client_only_hears_its_server(plain_server: socket.socket, make_client: MakeClient) -> None:
+    client = make_client(plain_server.getsockname())
+    with socket.socket(type=socket.SOCK_DGRAM) as stranger:
+        stranger.sendto(b"ack: 1.2.3.4 5\nspoof\n", client.address)
+    assert client.recv(0.2) is None
+
+
+def test_recv_timeout_is_honoured(plain_server: socket.socket, make_client: MakeClient) -> None:
+    client = make_client(plain_server.getsockname())
+    t0 = time.monotonic()
+    assert client.recv(timeout=0.2) is None
+    assert 0.19 <= time.monotonic() - t0 < 0.5
+    assert client.recv(timeout=0) is None
+    with pytest.raises(ValueError):
+        client.recv(timeout=-1)
+
+
+def test_recv_before_start_returns_none() -> None:
+    assert ChatClientUdp(port=9).recv(0) is None
+
+
+def test_client_keeps_running_when_the_server_is_gone(make_client: MakeClient) -> None:
+    with socket.socket(type=socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        gone = s.getsockname()
+    client = make_client(gone, interval=0.05)
+    time.sleep(0.3)  # several heartbeats answered by ICMP port unreachable
+    assert client.running
+    client.send("anyone?")
+
+
+def test_context_managers_start_and_stop(make_peer: Callable[..., socket.socket]) -> None:
+    with ChatServerUdp(port=0) as server:
+        assert server.running
+        with ChatClientUdp(*server.address) as client:
+            assert client.running
+            assert wait_until(lambda: client.address in server.clients)
+        assert not client.running
+        assert wait_until(lambda: client.address not in server.clients)
+    assert not server.running
+
+
+def test_a_full_queue_drops_and_counts(server: ChatServerUdp, make_client: MakeClient) -> None:
+    client = make_client(server.address, max_queue=5)
+    for i in range(20):
+        client.send(f"m{i}")
+    assert wait_until(lambda: server.stats()["deliveries"] == 20)
+    assert wait_until(lambda: client.dropped == 15)
+    texts = [m.text for m in iter(lambda: client.recv(0.1), None)]
+    assert texts == [f"m{i}" for i in range(5)]
+
+
+def test_message_repr_and_equality() -> None:
+    m = Message(b"ack: ::1 7\n\xffx\n")
+    assert m.sender == ("::1", 7)
+    assert repr(m) == "Message(sender=('::1', 7), text='\ufffdx')"
+    assert m == Message(b"ack: ::1 7\n\xffx\n")
+    assert m != Message(b"end")
+    assert hash(m) == hash(Message(b"ack: ::1 7\n\xffx\n"))
