@@ -8,13 +8,14 @@ from collections.abc import Callable
 
 import pytest
 from conftest import ack, assert_silent, recv, wait_until
-
 from udpchat import ChatClientUdp, ChatServerUdp, Message
 
 MakeClient = Callable[..., ChatClientUdp]
 
 
-def test_two_clients_chat_through_the_server(server: ChatServerUdp, make_client: MakeClient) -> None:
+def test_two_clients_chat_through_the_server(
+    server: ChatServerUdp, make_client: MakeClient
+) -> None:
     alice = make_client(server.address)
     bob = make_client(server.address)
     assert wait_until(lambda: len(server.clients) == 2)
@@ -39,7 +40,9 @@ def plain_server() -> socket.socket:
     sock.close()
 
 
-def test_client_speaks_the_tutorial_protocol(plain_server: socket.socket, make_client: MakeClient) -> None:
+def test_client_speaks_the_tutorial_protocol(
+    plain_server: socket.socket, make_client: MakeClient
+) -> None:
     client = make_client(plain_server.getsockname(), interval=0.1)
     data, addr = plain_server.recvfrom(100)
     assert data == b"reg"
@@ -55,7 +58,9 @@ def test_client_speaks_the_tutorial_protocol(plain_server: socket.socket, make_c
     assert data == b"quit"
 
 
-def test_client_parses_acks_and_ends_on_end(plain_server: socket.socket, make_client: MakeClient) -> None:
+def test_client_parses_acks_and_ends_on_end(
+    plain_server: socket.socket, make_client: MakeClient
+) -> None:
     client = make_client(plain_server.getsockname(), interval=5)
     _, addr = plain_server.recvfrom(100)
     plain_server.sendto(b"ack: 10.0.0.7 4242\nhello there\n", addr)
@@ -64,7 +69,9 @@ def test_client_parses_acks_and_ends_on_end(plain_server: socket.socket, make_cl
     first, second = client.recv(2), client.recv(2)
     assert first == Message(b"ack: 10.0.0.7 4242\nhello there\n")
     assert first is not None and first.sender == ("10.0.0.7", 4242) and first.text == "hello there"
-    assert second is not None and second.sender is None and second.text == "ack: not the tutorial form"
+    assert (
+        second is not None and second.sender is None and second.text == "ack: not the tutorial form"
+    )
     assert client.recv(2) is None
     assert list(client) == []
     assert not client.running
@@ -73,7 +80,9 @@ def test_client_parses_acks_and_ends_on_end(plain_server: socket.socket, make_cl
     assert_silent(plain_server, 0.1)
 
 
-def test_stop_sends_quit_once_and_ends_iteration(plain_server: socket.socket, make_client: MakeClient) -> None:
+def test_stop_sends_quit_once_and_ends_iteration(
+    plain_server: socket.socket, make_client: MakeClient
+) -> None:
     client = make_client(plain_server.getsockname(), interval=5)
     assert recv(plain_server) == b"reg"
     client.stop()
@@ -86,7 +95,9 @@ def test_stop_sends_quit_once_and_ends_iteration(plain_server: socket.socket, ma
         client.send("late")
 
 
-def test_a_client_only_hears_its_server(plain_server: socket.socket, make_client: MakeClient) -> None:
+def test_a_client_only_hears_its_server(
+    plain_server: socket.socket, make_client: MakeClient
+) -> None:
     client = make_client(plain_server.getsockname())
     with socket.socket(type=socket.SOCK_DGRAM) as stranger:
         stranger.sendto(b"ack: 1.2.3.4 5\nspoof\n", client.address)

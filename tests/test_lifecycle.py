@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import pytest
 from conftest import assert_silent, fd_count, recv, register, thread_count, wait_until
-
 from udpchat import ChatClientUdp, ChatServerUdp
 
 MakePeer = Callable[..., socket.socket]
@@ -118,7 +117,9 @@ def test_silent_client_expires_while_a_heartbeating_one_stays(
     register(silent, server)
     with ChatClientUdp(*server.address, interval=interval / 3) as alive:
         t0 = time.monotonic()
-        assert wait_until(lambda: silent.getsockname() not in server.clients, timeout=interval + 1.5)
+        assert wait_until(
+            lambda: silent.getsockname() not in server.clients, timeout=interval + 1.5
+        )
         gone_after = time.monotonic() - t0
         assert interval * 0.9 <= gone_after <= interval + 1.0, gone_after
         # Several intervals later, the heartbeating client is still there.

@@ -8,7 +8,6 @@ from collections.abc import Callable
 
 import pytest
 from conftest import ack, assert_silent, recv, register, wait_until
-
 from udpchat import ChatServerUdp
 
 MakePeer = Callable[..., socket.socket]
@@ -62,7 +61,9 @@ def test_quit_removes_the_sender(server: ChatServerUdp, make_peer: MakePeer) -> 
     assert_silent(a)
 
 
-def test_empty_and_whitespace_datagrams_are_ignored(server: ChatServerUdp, make_peer: MakePeer) -> None:
+def test_empty_and_whitespace_datagrams_are_ignored(
+    server: ChatServerUdp, make_peer: MakePeer
+) -> None:
     a, b = make_peer(), make_peer()
     register(b, server)
     for blank in (b"", b" ", b"\n", b" \t\r\n\x0b\x0c"):
@@ -72,7 +73,9 @@ def test_empty_and_whitespace_datagrams_are_ignored(server: ChatServerUdp, make_
     assert wait_until(lambda: server.stats()["received"] == 5)
 
 
-def test_nc_style_lines_are_stripped_like_the_tutorial(server: ChatServerUdp, make_peer: MakePeer) -> None:
+def test_nc_style_lines_are_stripped_like_the_tutorial(
+    server: ChatServerUdp, make_peer: MakePeer
+) -> None:
     a = make_peer()
     a.sendto(b"  123abc\n", server.address)
     assert recv(a) == ack(a.getsockname(), b"123abc")
@@ -95,7 +98,9 @@ def test_stop_sends_end_to_every_client_and_nothing_after(
         assert_silent(p, 0.1)
 
 
-def test_non_utf8_and_nul_bytes_are_relayed_unchanged(server: ChatServerUdp, make_peer: MakePeer) -> None:
+def test_non_utf8_and_nul_bytes_are_relayed_unchanged(
+    server: ChatServerUdp, make_peer: MakePeer
+) -> None:
     a = make_peer()
     payload = bytes(range(256)).strip()
     a.sendto(payload, server.address)
@@ -127,7 +132,9 @@ def test_oversize_datagram_is_dropped_and_counted_never_cut(
     assert server.stats()["broadcasts"] == 1
 
 
-def test_server_broadcast_comes_from_the_server_address(server: ChatServerUdp, make_peer: MakePeer) -> None:
+def test_server_broadcast_comes_from_the_server_address(
+    server: ChatServerUdp, make_peer: MakePeer
+) -> None:
     a, b = make_peer(), make_peer()
     register(a, server)
     register(b, server)
@@ -138,7 +145,9 @@ def test_server_broadcast_comes_from_the_server_address(server: ChatServerUdp, m
         assert recv(p) == ack(server.address, b"\x00bytes too")
 
 
-def test_a_vanished_client_does_not_stop_the_broadcast(server: ChatServerUdp, make_peer: MakePeer) -> None:
+def test_a_vanished_client_does_not_stop_the_broadcast(
+    server: ChatServerUdp, make_peer: MakePeer
+) -> None:
     a, b = make_peer(), make_peer()
     gone = socket.socket(type=socket.SOCK_DGRAM)
     gone.bind(("127.0.0.1", 0))
@@ -214,7 +223,7 @@ def test_random_datagrams_leave_the_server_serving(
         try:
             if recv(probe, 0.25) == ack(probe.getsockname(), b"probe"):
                 break
-        except socket.timeout:
+        except TimeoutError:
             continue
     else:
         pytest.fail("probe not answered")

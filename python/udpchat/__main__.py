@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import logging
 import signal
@@ -30,7 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a chat server until Ctrl-C")
     serve.add_argument("--ip", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=9998, help="port to bind, 0 for any (default: %(default)s)")
+    serve.add_argument(
+        "--port", type=int, default=9998, help="port to bind, 0 for any (default: %(default)s)"
+    )
     serve.add_argument(
         "--interval",
         type=_interval,
@@ -41,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--ip", default="127.0.0.1", help="server address (default: %(default)s)")
     chat.add_argument("--port", type=int, default=9998, help="server port (default: %(default)s)")
     chat.add_argument(
-        "--interval", type=_interval, default=5.0, help="seconds between heartbeats (default: %(default)s)"
+        "--interval",
+        type=_interval,
+        default=5.0,
+        help="seconds between heartbeats (default: %(default)s)",
     )
     return parser
 
@@ -59,7 +63,9 @@ def serve(ip: str, port: int, interval: float) -> int:
             # An untimed wait is interruptible on POSIX: SIGINT and SIGTERM land here.
             threading.Event().wait()
         except KeyboardInterrupt:
-            logging.getLogger("udpchat").info("interrupted; %d clients told to end", len(server.clients))
+            logging.getLogger("udpchat").info(
+                "interrupted; %d clients told to end", len(server.clients)
+            )
     return 0
 
 
@@ -95,7 +101,10 @@ def chat(ip: str, port: int, interval: float) -> int:
             sys.stdout.write("the server ended the chat\n")
             sys.stdout.flush()
             ended.set()
-            _thread.interrupt_main()
+            # A real signal, so the main thread's blocking read returns EINTR and sees it.
+            main_thread = threading.main_thread().ident
+            assert main_thread is not None
+            signal.pthread_kill(main_thread, signal.SIGINT)
 
     printer = threading.Thread(target=show_messages, name="udpchat-chat-print", daemon=True)
     printer.start()
@@ -119,10 +128,16 @@ def chat(ip: str, port: int, interval: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args.ip, args.port, args.interval)
-    return chat(args.ip, args.port, args.interval)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    run = serve if args.command == "serve" else chat
+    try:
+        return run(args.ip, args.port, args.interval)
+    except ValueError as e:  # a bad --ip or --port, as the constructors judge it
+        parser.error(str(e))
+    except OSError as e:  # e.g. the port is in use
+        print(f"udpchat: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,9 +6,19 @@ from typing import final
 
 from typing_extensions import Self
 
+__all__ = [
+    "MAX_DATAGRAM",
+    "ChatClientUdp",
+    "ChatServerUdp",
+    "Message",
+    "__version__",
+    "reset_log_cache",
+]
+
 __version__: str
 MAX_DATAGRAM: int
-"""The largest UDP payload over IPv4 (65,507 bytes): ``ChatServerUdp``'s default ``max_datagram``."""
+"""The largest UDP payload over IPv4 (65,507 bytes), ``ChatServerUdp``'s default
+``max_datagram``."""
 
 def reset_log_cache() -> None:
     """Make udpchat re-read the levels of its ``udpchat.*`` loggers.
@@ -26,11 +36,13 @@ class Message:
 
     @property
     def sender(self) -> tuple[str, int] | None:
-        """``(ip, port)`` from the ``ack: ip port`` line, or None if the datagram is not of that form."""
+        """``(ip, port)`` from the ``ack: ip port`` line, or None if the datagram is not of
+        that form."""
 
     @property
     def payload(self) -> bytes:
-        """The message's bytes: after the ``ack:`` line without its final newline, else the whole datagram."""
+        """The message's bytes: what follows the ``ack:`` line, without its final newline; the
+        whole datagram if it is not of that form."""
 
     @property
     def text(self) -> str:
@@ -40,7 +52,7 @@ class Message:
     def raw(self) -> bytes:
         """The datagram's exact bytes."""
 
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
 @final
@@ -56,7 +68,7 @@ class ChatServerUdp:
         cls,
         ip: str = "127.0.0.1",
         port: int = 9998,
-        interval: float = 10,
+        interval: float = 10.0,
         *,
         max_datagram: int = 65507,
     ) -> Self:
@@ -124,7 +136,7 @@ class ChatClientUdp:
         cls,
         ip: str = "127.0.0.1",
         port: int = 9998,
-        interval: float = 5,
+        interval: float = 5.0,
         *,
         max_queue: int = 4096,
     ) -> Self:
@@ -175,7 +187,8 @@ class ChatClientUdp:
     def interval(self) -> float: ...
     @property
     def running(self) -> bool:
-        """True between ``start()`` and ``stop()``, unless the server ended the chat or a thread died."""
+        """True between ``start()`` and ``stop()``, unless the server ended the chat or a
+        thread died."""
 
     def __enter__(self) -> Self: ...
     def __exit__(

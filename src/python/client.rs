@@ -26,7 +26,10 @@ pub struct ChatClientUdp {
 #[pymethods]
 impl ChatClientUdp {
     #[new]
-    #[pyo3(signature = (ip = "127.0.0.1", port = Port(9998), interval = 5.0, *, max_queue = 4096))]
+    #[pyo3(
+        signature = (ip = "127.0.0.1", port = Port(9998), interval = 5.0, *, max_queue = 4096),
+        text_signature = "(ip='127.0.0.1', port=9998, interval=5.0, *, max_queue=4096)"
+    )]
     fn new(ip: &str, port: Port, interval: f64, max_queue: usize) -> PyResult<Self> {
         if port.0 == 0 {
             return Err(PyValueError::new_err(
@@ -77,7 +80,7 @@ impl ChatClientUdp {
 
     /// Sends ``msg`` (str as UTF-8, or bytes) to the server. The default, ``'quit'``, is the
     /// tutorial's: the server forgets this client, until its next heartbeat registers it again.
-    #[pyo3(signature = (msg = Payload::Text("quit".to_owned())))]
+    #[pyo3(signature = (msg = Payload::Text("quit".to_owned())), text_signature = "($self, /, msg='quit')")]
     fn send(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
         let core = self
             .core

@@ -37,7 +37,10 @@ impl ChatServerUdp {
 #[pymethods]
 impl ChatServerUdp {
     #[new]
-    #[pyo3(signature = (ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM))]
+    #[pyo3(
+        signature = (ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM),
+        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507)"
+    )]
     fn new(ip: &str, port: Port, interval: f64, max_datagram: usize) -> PyResult<Self> {
         if !(1..=65_535).contains(&max_datagram) {
             return Err(PyValueError::new_err(format!(
