@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Iterator
@@ -139,7 +139,8 @@ def test_bad_arguments_exit_with_usage() -> None:
 
 
 def test_console_script_is_installed() -> None:
-    exe = shutil.which("udpchat")
-    assert exe is not None
+    # Where pip put it, whether or not that directory is on PATH here.
+    exe = os.path.join(sysconfig.get_path("scripts"), "udpchat")
+    assert os.access(exe, os.X_OK), exe
     out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10)
     assert out.returncode == 0 and out.stdout.startswith("udpchat ")

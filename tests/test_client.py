@@ -156,3 +156,18 @@ def test_message_repr_and_equality() -> None:
     assert m == Message(b"ack: ::1 7\n\xffx\n")
     assert m != Message(b"end")
     assert hash(m) == hash(Message(b"ack: ::1 7\n\xffx\n"))
+
+
+def test_a_client_registers_again_when_its_server_comes_back(make_client: MakeClient) -> None:
+    server = socket.socket(type=socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    address = server.getsockname()
+    client = make_client(address, interval=0.05)
+    assert recv(server) == b"reg"
+    server.close()  # the server is gone without a word: heartbeats now meet ICMP errors
+    time.sleep(0.3)
+    assert client.running
+    with socket.socket(type=socket.SOCK_DGRAM) as back:
+        back.bind(address)
+        data, source = back.recvfrom(100)
+        assert (data, source) == (b"^hb^", client.address)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -58,15 +59,19 @@ def serve(ip: str, port: int, interval: float) -> int:
     """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    with ChatServerUdp(ip, port, interval) as server:
-        try:
-            # An untimed wait is interruptible on POSIX: SIGINT and SIGTERM land here.
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            logging.getLogger("udpchat").info(
-                "interrupted; %d clients told to end", len(server.clients)
-            )
+    # An untimed wait is interruptible on POSIX: SIGINT and SIGTERM land in it, and leaving the
+    # `with` sends `end` to every client.
+    with ChatServerUdp(ip, port, interval), contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
     return 0
+
+
+def _typed_so_far() -> str:
+    try:
+        import readline
+    except ImportError:
+        return ""
+    return readline.get_line_buffer()
 
 
 def _show(msg: Message, out: TextIO, interactive: bool) -> None:
@@ -77,9 +82,7 @@ def _show(msg: Message, out: TextIO, interactive: bool) -> None:
         line = msg.text
     if interactive:
         # Print above the prompt and redraw it with what was typed so far.
-        import readline
-
-        out.write(f"\r\x1b[K{line}\n{PROMPT}{readline.get_line_buffer()}")
+        out.write(f"\r\x1b[K{line}\n{PROMPT}{_typed_so_far()}")
     else:
         out.write(line + "\n")
     out.flush()
@@ -89,6 +92,9 @@ def chat(ip: str, port: int, interval: float) -> int:
     """The tutorial's interactive client: each line typed is sent, broadcasts print as they come."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # not on every platform: only line editing is lost
+            import readline  # noqa: F401  (once imported, input() edits lines with it)
     client = ChatClientUdp(ip, port, interval)
     client.start()
     ended = threading.Event()
@@ -98,7 +104,7 @@ def chat(ip: str, port: int, interval: float) -> int:
             _show(msg, sys.stdout, interactive)
         if not ended.is_set():
             # The server said `end`: wake the main thread from input() so the program exits.
-            sys.stdout.write("the server ended the chat\n")
+            sys.stdout.write(("\r\x1b[K" if interactive else "") + "the server ended the chat\n")
             sys.stdout.flush()
             ended.set()
             # A real signal, so the main thread's blocking read returns EINTR and sees it.
