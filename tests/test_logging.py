@@ -46,6 +46,7 @@ def test_expiry_and_client_lifecycle_are_logged(caplog: pytest.LogCaptureFixture
         ChatClientUdp(*server.address, interval=10) as client,
     ):
         me = "{}:{}".format(*client.address)
+        assert wait_until(lambda: client.address in server.clients)
         assert wait_until(lambda: not server.clients, timeout=2)
     messages = [(r.name, r.getMessage()) for r in caplog.records]
     assert ("udpchat.server", f"{me} expired after 100ms of silence") in messages
