@@ -16,6 +16,8 @@ use crate::worker::{Stop, Workers};
 
 /// The largest datagram UDP can carry (IPv6's limit); nothing from the server is ever cut.
 const RECV_BUFFER: usize = 65_536;
+/// Datagrams read per `recvmmsg` call.
+const RECV_BATCH: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -69,7 +71,17 @@ impl Client {
         let (tx, messages) = crossbeam_channel::bounded(config.max_queue);
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
-            workers.spawn("udpchat-client-recv", move || receive(&shared, &stop, tx))?;
+            workers.spawn("udpchat-client-recv", move || {
+                let mut inbox = net::Inbox::new(RECV_BATCH, RECV_BUFFER);
+                let mut handler = Receive {
+                    shared: &shared,
+                    stop: &stop,
+                    tx,
+                    full: Throttle::default(),
+                    icmp: Throttle::default(),
+                };
+                net::receive_loop(&shared.socket, &mut inbox, &stop, &mut handler);
+            })?;
         }
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
@@ -144,38 +156,46 @@ fn send_to_server(shared: &Shared, data: &[u8], stop: Option<&Stop>) -> std::io:
     }
 }
 
-fn receive(shared: &Shared, stop: &Stop, tx: Sender<Vec<u8>>) {
-    let mut buf = vec![0u8; RECV_BUFFER];
-    let mut full = Throttle::default();
-    let mut icmp = Throttle::default();
-    net::receive_loop(
-        &shared.socket,
-        &mut buf,
-        stop,
-        |data, from| {
-            if protocol::strip(data) == protocol::END {
-                info!("the server at {from} ended the chat");
-                shared.ended.store(true, Ordering::Release);
-                stop.fire();
-                return;
+/// The receiver: hands every datagram from the server to the caller, until `end`.
+struct Receive<'a> {
+    shared: &'a Shared,
+    stop: &'a Stop,
+    tx: Sender<Vec<u8>>,
+    full: Throttle,
+    icmp: Throttle,
+}
+
+impl net::Handler for Receive<'_> {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, _cut: bool) {
+        let shared = self.shared;
+        if shared.ended.load(Ordering::Relaxed) {
+            return; // the rest of the batch that brought `end`
+        }
+        if protocol::strip(data) == protocol::END {
+            info!("the server at {from} ended the chat");
+            shared.ended.store(true, Ordering::Release);
+            self.stop.fire();
+            return;
+        }
+        match self.tx.try_send(data.to_vec()) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                throttled!(
+                    self.full,
+                    warn,
+                    "message queue full ({} held): dropped a message",
+                    self.tx.len()
+                );
             }
-            match tx.try_send(data.to_vec()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    shared.dropped.fetch_add(1, Ordering::Relaxed);
-                    throttled!(
-                        full,
-                        warn,
-                        "message queue full ({} held): dropped a message",
-                        tx.len()
-                    );
-                }
-                // The caller's side is never dropped while this thread runs.
-                Err(TrySendError::Disconnected(_)) => {}
-            }
-        },
-        |e| throttled!(icmp, warn, "server unreachable: {e}"),
-    );
+            // The caller's side is never dropped while this thread runs.
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn icmp(&mut self, e: &std::io::Error) {
+        throttled!(self.icmp, warn, "server unreachable: {e}");
+    }
 }
 
 fn heartbeat(shared: &Shared, stop: &Stop, interval: Duration) {

@@ -3,6 +3,10 @@
 //! The core (`protocol` → `registry` → `server` / `client`) is plain Rust with no Python in it;
 //! `python` is the PyO3 layer that converts types and maps errors.
 
+// The receive and fan-out paths are built on recvmmsg/sendmmsg and poll(2).
+#[cfg(not(target_os = "linux"))]
+compile_error!("udpchat runs on Linux: its core uses recvmmsg and sendmmsg");
+
 pub mod client;
 pub mod error;
 mod net;

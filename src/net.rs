@@ -6,6 +6,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
+use socket2::{SockAddr, SockAddrStorage};
+
 use crate::throttle::{throttled, Throttle};
 use crate::worker::Stop;
 
@@ -116,20 +118,129 @@ pub fn is_icmp_error(e: &io::Error) -> bool {
     )
 }
 
-/// Receives datagrams into `buf` and hands each to `handle` until `stop` fires. After each wake-up
-/// it reads until `WouldBlock`. Errors are logged (rate-limited) and never end the loop: ICMP
-/// errors are reported to `on_icmp`, anything else costs a short back-off.
+/// The most messages one `sendmmsg` / `recvmmsg` call takes (the kernel's UIO_MAXIOV).
+const MAX_BATCH: usize = 1024;
+
+/// Buffers for `recvmmsg`: up to `batch` datagrams of up to `size` bytes per system call.
+pub struct Inbox {
+    size: usize,
+    buf: Vec<u8>,
+    names: Vec<SockAddrStorage>,
+    /// Never read, only kept alive: the headers point into it.
+    _iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+    received: usize,
+}
+
+impl Inbox {
+    pub fn new(batch: usize, size: usize) -> Inbox {
+        let batch = batch.clamp(1, MAX_BATCH);
+        // Zeroed memory is mapped lazily: only the bytes datagrams fill are ever touched.
+        let mut buf = vec![0u8; batch * size];
+        let mut names: Vec<SockAddrStorage> =
+            (0..batch).map(|_| SockAddrStorage::zeroed()).collect();
+        let mut iovs: Vec<libc::iovec> = buf
+            .chunks_exact_mut(size)
+            .map(|chunk| libc::iovec {
+                iov_base: chunk.as_mut_ptr().cast(),
+                iov_len: size,
+            })
+            .collect();
+        let hdrs = iovs
+            .iter_mut()
+            .zip(names.iter_mut())
+            .map(|(iov, name)| {
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
+                let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                hdr.msg_hdr.msg_name = (name as *mut SockAddrStorage).cast();
+                hdr.msg_hdr.msg_iov = iov;
+                hdr.msg_hdr.msg_iovlen = 1;
+                hdr
+            })
+            .collect();
+        // The pointers above point into the heap blocks of `buf`, `names` and `iovs`, which
+        // never move or grow for as long as the Inbox lives.
+        Inbox {
+            size,
+            buf,
+            names,
+            _iovs: iovs,
+            hdrs,
+            received: 0,
+        }
+    }
+
+    /// Receives as many datagrams as are waiting, up to the batch, without blocking.
+    fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        let name_len = SockAddrStorage::zeroed().size_of();
+        for hdr in &mut self.hdrs {
+            hdr.msg_hdr.msg_namelen = name_len;
+            hdr.msg_hdr.msg_flags = 0;
+        }
+        // SAFETY: every header points at live buffers of the sizes it claims (see `new`).
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_fd().as_raw_fd(),
+                self.hdrs.as_mut_ptr(),
+                self.hdrs.len() as libc::c_uint,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        self.received = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        Ok(self.received)
+    }
+
+    /// The datagrams of the last `recv`: bytes, sender, and whether it was longer than the buffer
+    /// (and so cut by the kernel).
+    fn datagrams(&self) -> impl Iterator<Item = (&[u8], Option<SocketAddr>, bool)> {
+        self.hdrs[..self.received]
+            .iter()
+            .zip(&self.names)
+            .enumerate()
+            .map(|(i, (hdr, name))| {
+                let len = (hdr.msg_len as usize).min(self.size);
+                let data = &self.buf[i * self.size..i * self.size + len];
+                // SAFETY: the kernel wrote a socket address of `msg_namelen` bytes into `name`, which is
+                // plain bytes (no Drop), so a bitwise copy is a valid one.
+                let from = unsafe { SockAddr::new(std::ptr::read(name), hdr.msg_hdr.msg_namelen) }
+                    .as_socket();
+                let cut = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
+                (data, from, cut)
+            })
+    }
+}
+
+/// What the receive loop hands datagrams to.
+pub trait Handler {
+    /// One datagram; `cut` if it was longer than the receive buffer.
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, cut: bool);
+    /// Called after each batch, so work can be handed on in one piece.
+    fn batch_done(&mut self) {}
+    /// An ICMP error reported on the socket (see [`is_icmp_error`]).
+    fn icmp(&mut self, error: &io::Error);
+}
+
+/// Receives datagrams and hands them to `handler` until `stop` fires. After each wake-up it reads
+/// until `WouldBlock`, a batch per system call. Errors are logged (rate-limited) and never end
+/// the loop: ICMP errors go to the handler, anything else costs a short back-off.
 pub fn receive_loop(
     socket: &UdpSocket,
-    buf: &mut [u8],
+    inbox: &mut Inbox,
     stop: &Stop,
-    mut handle: impl FnMut(&[u8], SocketAddr),
-    mut on_icmp: impl FnMut(&io::Error),
+    handler: &mut impl Handler,
 ) {
     let mut errors = Throttle::default();
     while !stop.fired() {
-        match socket.recv_from(buf) {
-            Ok((n, from)) => handle(&buf[..n], from),
+        match inbox.recv(socket) {
+            Ok(_) => {
+                for (data, from, cut) in inbox.datagrams() {
+                    if let Some(from) = from {
+                        handler.datagram(data, from, cut);
+                    }
+                }
+                handler.batch_done();
+            }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 match wait(socket, libc::POLLIN, Some(stop), None) {
@@ -141,7 +252,7 @@ pub fn receive_loop(
                     }
                 }
             }
-            Err(e) if is_icmp_error(&e) => on_icmp(&e),
+            Err(e) if is_icmp_error(&e) => handler.icmp(&e),
             Err(e) => {
                 throttled!(errors, error, "receive failed: {e}");
                 std::thread::sleep(ERROR_BACKOFF);
@@ -150,69 +261,233 @@ pub fn receive_loop(
     }
 }
 
+/// Buffers for `sendmmsg`, reused from one fan-out to the next.
+#[derive(Default)]
+pub struct Outbox {
+    names: Vec<SockAddr>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+/// What became of a [`send_each`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub delivered: u64,
+    pub failed: u64,
+}
+
+impl Outbox {
+    /// Sends the queued datagrams, a batch per system call. A destination that fails is counted,
+    /// reported to `on_error` and skipped; the rest still go out.
+    fn flush(
+        &mut self,
+        socket: &UdpSocket,
+        stop: &Stop,
+        sent: &mut Sent,
+        on_error: &mut impl FnMut(SocketAddr, io::Error),
+    ) {
+        for ((hdr, iov), name) in self.hdrs.iter_mut().zip(&mut self.iovs).zip(&self.names) {
+            hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+            hdr.msg_hdr.msg_namelen = name.len();
+            hdr.msg_hdr.msg_iov = iov;
+            hdr.msg_hdr.msg_iovlen = 1;
+        }
+        let mut next = 0;
+        while next < self.hdrs.len() && !stop.fired() {
+            let rest = &mut self.hdrs[next..];
+            // SAFETY: each header points at an address in `names` and an iovec in `iovs`, set
+            // just above, and each iovec at a datagram that `send_each`'s caller keeps borrowed.
+            let n = unsafe {
+                libc::sendmmsg(
+                    socket.as_fd().as_raw_fd(),
+                    rest.as_mut_ptr(),
+                    rest.len() as libc::c_uint,
+                    0,
+                )
+            };
+            if let Ok(n) = usize::try_from(n) {
+                sent.delivered += n as u64;
+                next += n.max(1); // n is never 0 for a non-empty batch; guard against a spin anyway
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::Interrupted => {}
+                ErrorKind::WouldBlock => {
+                    if !matches!(
+                        wait(socket, libc::POLLOUT, Some(stop), Some(SEND_WAIT)),
+                        Ok(Ready::Socket)
+                    ) {
+                        // The buffer stayed full: this batch is lost, like a datagram dropped on the wire.
+                        sent.failed += (self.hdrs.len() - next) as u64;
+                        on_error(self.names[next].as_socket().expect("an IP address"), e);
+                        break;
+                    }
+                }
+                _ => {
+                    sent.failed += 1;
+                    on_error(self.names[next].as_socket().expect("an IP address"), e);
+                    next += 1;
+                }
+            }
+        }
+        self.names.clear();
+        self.iovs.clear();
+        self.hdrs.clear();
+    }
+}
+
+/// Sends each `(datagram, destination)` pair through `sendmmsg`, up to 1024 per system call.
+pub fn send_each<'a>(
+    socket: &UdpSocket,
+    outbox: &mut Outbox,
+    pairs: impl Iterator<Item = (&'a [u8], SocketAddr)>,
+    stop: &Stop,
+    mut on_error: impl FnMut(SocketAddr, io::Error),
+) -> Sent {
+    let mut sent = Sent::default();
+    for (data, to) in pairs {
+        outbox.names.push(SockAddr::from(to));
+        outbox.iovs.push(libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        });
+        // SAFETY: mmsghdr is plain old data; `flush` fills in the pointers.
+        outbox.hdrs.push(unsafe { std::mem::zeroed() });
+        if outbox.hdrs.len() == MAX_BATCH {
+            outbox.flush(socket, stop, &mut sent, &mut on_error);
+        }
+    }
+    // Every datagram is still borrowed here, so every pointer is valid while it is sent.
+    outbox.flush(socket, stop, &mut sent, &mut on_error);
+    sent
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
 
+    /// Collects what the receive loop hands over.
+    #[derive(Default)]
+    struct Collect {
+        datagrams: Vec<(Vec<u8>, bool)>,
+        batches: usize,
+        icmp: usize,
+        tx: Option<crossbeam_channel::Sender<(Vec<u8>, bool)>>,
+    }
+
+    impl Handler for Collect {
+        fn datagram(&mut self, data: &[u8], _from: SocketAddr, cut: bool) {
+            self.datagrams.push((data.to_vec(), cut));
+            if let Some(tx) = &self.tx {
+                tx.send((data.to_vec(), cut)).unwrap();
+            }
+        }
+        fn batch_done(&mut self) {
+            self.batches += 1;
+        }
+        fn icmp(&mut self, _error: &io::Error) {
+            self.icmp += 1;
+        }
+    }
+
+    fn local() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
     #[test]
-    fn receive_loop_reads_every_datagram_then_returns_on_stop() {
-        let socket = Arc::new(bind("127.0.0.1:0".parse().unwrap()).unwrap());
+    fn receive_loop_reads_every_datagram_in_batches_then_returns_on_stop() {
+        let socket = Arc::new(bind(local()).unwrap());
         let addr = socket.local_addr().unwrap();
         let stop = Arc::new(Stop::new().unwrap());
-        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let peer = UdpSocket::bind(local()).unwrap();
         for i in 0..10u8 {
             peer.send_to(&[i], addr).unwrap();
         }
+        peer.send_to(&[7; 17], addr).unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
         let thread = {
             let (socket, stop) = (Arc::clone(&socket), Arc::clone(&stop));
             std::thread::spawn(move || {
-                let mut buf = [0u8; 16];
-                receive_loop(
-                    &socket,
-                    &mut buf,
-                    &stop,
-                    |d, _| tx.send(d.to_vec()).unwrap(),
-                    |_| {},
-                );
+                let mut handler = Collect {
+                    tx: Some(tx),
+                    ..Collect::default()
+                };
+                receive_loop(&socket, &mut Inbox::new(4, 16), &stop, &mut handler);
+                handler
             })
         };
-        let got: Vec<Vec<u8>> = (0..10)
+        let got: Vec<(Vec<u8>, bool)> = (0..11)
             .map(|_| rx.recv_timeout(Duration::from_secs(5)).unwrap())
             .collect();
-        assert_eq!(got, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+        let mut expected: Vec<(Vec<u8>, bool)> = (0..10u8).map(|i| (vec![i], false)).collect();
+        expected.push((vec![7; 16], true)); // longer than the buffer: flagged as cut
+        assert_eq!(got, expected);
         // The thread is now blocked in poll; stop must wake it at once.
         let t0 = Instant::now();
         stop.fire();
-        thread.join().unwrap();
+        let handler = thread.join().unwrap();
         assert!(
             t0.elapsed() < Duration::from_millis(100),
             "{:?}",
             t0.elapsed()
         );
+        assert!((3..=11).contains(&handler.batches), "{}", handler.batches);
     }
 
     #[test]
     fn icmp_errors_are_reported_not_fatal() {
         // A connected socket whose peer port is closed gets ECONNREFUSED from the next call.
-        let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed = UdpSocket::bind(local()).unwrap();
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
-        let socket = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let socket = bind(local()).unwrap();
         socket.connect(closed_addr).unwrap();
         send(&socket, b"x", None, None).unwrap();
         let stop = Stop::new().unwrap();
-        let mut icmp = 0;
+        let mut handler = Collect::default();
         std::thread::sleep(Duration::from_millis(20));
-        let mut buf = [0u8; 4];
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(100));
                 stop.fire();
             });
-            receive_loop(&socket, &mut buf, &stop, |_, _| {}, |_| icmp += 1);
+            receive_loop(&socket, &mut Inbox::new(4, 16), &stop, &mut handler);
         });
-        assert_eq!(icmp, 1);
+        assert_eq!(handler.icmp, 1);
+    }
+
+    #[test]
+    fn send_each_delivers_every_pair_across_batches() {
+        let socket = bind(local()).unwrap();
+        let stop = Stop::new().unwrap();
+        // Few enough per peer to fit its receive buffer.
+        let peers: Vec<UdpSocket> = (0..6).map(|_| UdpSocket::bind(local()).unwrap()).collect();
+        let datagrams: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
+        let pairs = datagrams.iter().flat_map(|d| {
+            peers
+                .iter()
+                .map(move |p| (d.as_slice(), p.local_addr().unwrap()))
+        });
+        let sent = send_each(&socket, &mut Outbox::default(), pairs, &stop, |a, e| {
+            panic!("{a}: {e}")
+        });
+        // 1200 pairs: two system calls of up to 1024.
+        assert_eq!(
+            sent,
+            Sent {
+                delivered: 1200,
+                failed: 0
+            }
+        );
+        for peer in &peers {
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 8];
+            for d in &datagrams {
+                let n = peer.recv(&mut buf).unwrap();
+                assert_eq!(&buf[..n], &d[..]);
+            }
+        }
     }
 }

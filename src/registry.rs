@@ -1,72 +1,147 @@
-//! The server's client table: who is registered and when each was last heard from.
-//! No I/O and no clock of its own: callers pass `now`, so expiry is testable to the nanosecond.
+//! The server's client table: who is registered and when each was last heard from. No I/O.
+//!
+//! Built for a fan-out that never waits on it: a heartbeat from a known client is one hash
+//! lookup and an atomic store; the fan-out thread takes the member list as a shared snapshot (an
+//! `Arc` clone, rebuilt only after someone joined or left) and checks each member's last-seen
+//! stamp without the lock, so expiry applies at broadcast time even between sweeps.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// The tutorial drops a client at `now - seen > interval`: exactly `interval` is still alive.
-fn is_expired(interval: Duration, seen: Instant, now: Instant) -> bool {
-    now.saturating_duration_since(seen) > interval
+/// A registered client.
+#[derive(Debug)]
+pub struct Member {
+    pub addr: SocketAddr,
+    /// Nanoseconds since the registry's epoch when it was last heard from.
+    last_seen: AtomicU64,
+}
+
+/// The list of members the fan-out sends to; shared, never copied per broadcast.
+pub type Members = Arc<[Arc<Member>]>;
+
+/// Decides who is alive, without the registry's lock.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch: Instant,
+    interval: u64,
+}
+
+impl Clock {
+    /// Stamps for `now`: monotonic nanoseconds since the epoch.
+    pub fn stamp(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The tutorial drops a client at `now - seen > interval`: exactly `interval` is still alive.
+    pub fn is_live(&self, member: &Member, now: u64) -> bool {
+        now.saturating_sub(member.last_seen.load(Ordering::Relaxed)) <= self.interval
+    }
+
+    /// When a stamp was taken.
+    pub fn instant(&self, stamp: u64) -> Instant {
+        self.epoch + Duration::from_nanos(stamp)
+    }
 }
 
 #[derive(Debug)]
 pub struct Registry {
-    interval: Duration,
-    last_seen: HashMap<SocketAddr, Instant>,
+    clock: Clock,
+    members: HashMap<SocketAddr, Arc<Member>>,
+    /// The member list as the fan-out last took it; None after a join or a leave.
+    snapshot: Option<Members>,
 }
 
 impl Registry {
     /// A client not heard from for more than `interval` is expired.
     pub fn new(interval: Duration) -> Self {
         Registry {
-            interval,
-            last_seen: HashMap::new(),
+            clock: Clock {
+                epoch: Instant::now(),
+                interval: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
+            },
+            members: HashMap::new(),
+            snapshot: None,
         }
+    }
+
+    pub fn clock(&self) -> Clock {
+        self.clock
     }
 
     /// Marks `addr` alive at `now`. Returns true if it was not registered before.
     pub fn touch(&mut self, addr: SocketAddr, now: Instant) -> bool {
-        self.last_seen.insert(addr, now).is_none()
+        let stamp = self.clock.stamp(now);
+        if let Some(member) = self.members.get(&addr) {
+            member.last_seen.store(stamp, Ordering::Relaxed);
+            return false;
+        }
+        let member = Member {
+            addr,
+            last_seen: AtomicU64::new(stamp),
+        };
+        self.members.insert(addr, Arc::new(member));
+        self.snapshot = None;
+        true
     }
 
     /// Removes `addr`. Returns true if it was registered.
     pub fn remove(&mut self, addr: SocketAddr) -> bool {
-        self.last_seen.remove(&addr).is_some()
+        let removed = self.members.remove(&addr).is_some();
+        if removed {
+            self.snapshot = None;
+        }
+        removed
     }
 
     /// Removes every client silent for more than `interval` at `now`; appends them to `expired`.
     pub fn expire(&mut self, now: Instant, expired: &mut Vec<SocketAddr>) {
-        let interval = self.interval;
-        self.last_seen.retain(|&addr, &mut seen| {
-            let gone = is_expired(interval, seen, now);
-            if gone {
+        let (clock, stamp, before) = (self.clock, self.clock.stamp(now), expired.len());
+        self.members.retain(|&addr, member| {
+            let live = clock.is_live(member, stamp);
+            if !live {
                 expired.push(addr);
             }
-            !gone
+            live
         });
+        if expired.len() > before {
+            self.snapshot = None;
+        }
     }
 
-    /// Appends every registered address to `out` (a reused buffer, so a broadcast allocates
-    /// nothing once warm). Call [`Registry::expire`] first to leave out the silent.
-    pub fn addresses(&self, out: &mut Vec<SocketAddr>) {
-        out.extend(self.last_seen.keys().copied());
+    /// Every registered member, shared. Costs an `Arc` clone unless the membership changed since
+    /// the last call; the caller checks liveness with [`Clock::is_live`].
+    pub fn members(&mut self) -> Members {
+        let members = &self.members;
+        Arc::clone(
+            self.snapshot
+                .get_or_insert_with(|| members.values().cloned().collect()),
+        )
     }
 
-    /// Every registered client with when it was last heard from. Call [`Registry::expire`] first.
-    pub fn snapshot(&self) -> Vec<(SocketAddr, Instant)> {
-        self.last_seen
-            .iter()
-            .map(|(&addr, &seen)| (addr, seen))
+    /// Every live client with when it was last heard from.
+    pub fn snapshot(&self, now: Instant) -> Vec<(SocketAddr, Instant)> {
+        let stamp = self.clock.stamp(now);
+        self.members
+            .values()
+            .filter(|m| self.clock.is_live(m, stamp))
+            .map(|m| {
+                (
+                    m.addr,
+                    self.clock.instant(m.last_seen.load(Ordering::Relaxed)),
+                )
+            })
             .collect()
     }
 
     pub fn len(&self) -> usize {
-        self.last_seen.len()
+        self.members.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.last_seen.is_empty()
+        self.members.is_empty()
     }
 }
 
@@ -78,21 +153,36 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    fn live_addrs(r: &mut Registry, now: Instant) -> Vec<SocketAddr> {
+        let (clock, stamp) = (r.clock(), r.clock().stamp(now));
+        let mut v: Vec<_> = r
+            .members()
+            .iter()
+            .filter(|m| clock.is_live(m, stamp))
+            .map(|m| m.addr)
+            .collect();
+        v.sort();
+        v
+    }
+
     #[test]
     fn touch_registers_once_and_refreshes() {
-        let t0 = Instant::now();
         let mut r = Registry::new(Duration::from_secs(10));
+        let t0 = Instant::now();
         assert!(r.touch(addr(1), t0));
-        assert!(!r.touch(addr(1), t0 + Duration::from_secs(5)));
+        let t5 = t0 + Duration::from_secs(5);
+        assert!(!r.touch(addr(1), t5));
         assert_eq!(r.len(), 1);
-        assert_eq!(r.snapshot(), vec![(addr(1), t0 + Duration::from_secs(5))]);
+        let snap = r.snapshot(t5);
+        assert_eq!(snap.len(), 1);
+        assert_eq!(snap[0].0, addr(1));
+        assert!(snap[0].1.duration_since(t5) < Duration::from_micros(1));
     }
 
     #[test]
     fn remove_reports_whether_registered() {
-        let t0 = Instant::now();
         let mut r = Registry::new(Duration::from_secs(10));
-        r.touch(addr(1), t0);
+        r.touch(addr(1), Instant::now());
         assert!(r.remove(addr(1)));
         assert!(!r.remove(addr(1)));
         assert!(r.is_empty());
@@ -100,9 +190,9 @@ mod tests {
 
     #[test]
     fn expiry_is_strictly_after_the_interval() {
-        let t0 = Instant::now();
         let interval = Duration::from_secs(10);
         let mut r = Registry::new(interval);
+        let t0 = Instant::now();
         r.touch(addr(1), t0);
         r.touch(addr(2), t0 + Duration::from_secs(3));
         let mut expired = Vec::new();
@@ -110,22 +200,36 @@ mod tests {
         // Exactly `interval` of silence is still alive: the tutorial drops at `> interval`.
         r.expire(t0 + interval, &mut expired);
         assert!(expired.is_empty());
+        assert_eq!(live_addrs(&mut r, t0 + interval), vec![addr(1), addr(2)]);
 
-        r.expire(t0 + interval + Duration::from_nanos(1), &mut expired);
+        let later = t0 + interval + Duration::from_nanos(1);
+        // The fan-out leaves the silent one out before any sweep has run...
+        assert_eq!(live_addrs(&mut r, later), vec![addr(2)]);
+        assert_eq!(r.snapshot(later).len(), 1);
+        // ...and the sweep removes it.
+        r.expire(later, &mut expired);
         assert_eq!(expired, vec![addr(1)]);
-        let mut live = Vec::new();
-        r.addresses(&mut live);
-        assert_eq!(live, vec![addr(2)]);
+        assert_eq!(r.len(), 1);
     }
 
     #[test]
-    fn a_refreshed_client_outlives_its_first_deadline() {
+    fn the_member_list_is_rebuilt_only_when_membership_changes() {
+        let mut r = Registry::new(Duration::from_secs(10));
         let t0 = Instant::now();
-        let mut r = Registry::new(Duration::from_secs(1));
         r.touch(addr(1), t0);
-        r.touch(addr(1), t0 + Duration::from_millis(900));
-        let mut expired = Vec::new();
-        r.expire(t0 + Duration::from_millis(1500), &mut expired);
-        assert!(expired.is_empty());
+        let first = r.members();
+        r.touch(addr(1), t0 + Duration::from_secs(1)); // a heartbeat
+        assert!(Arc::ptr_eq(&first, &r.members()));
+        r.touch(addr(2), t0);
+        let second = r.members();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.len(), 2);
+        r.remove(addr(1));
+        assert_eq!(r.members().len(), 1);
+        // A heartbeat is seen through a snapshot taken before it.
+        let held = r.members();
+        r.touch(addr(2), t0 + Duration::from_secs(9));
+        let clock = r.clock();
+        assert!(clock.is_live(&held[0], clock.stamp(t0 + Duration::from_secs(19))));
     }
 }

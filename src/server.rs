@@ -11,13 +11,21 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::protocol::{self, Datagram};
-use crate::registry::Registry;
+use crate::registry::{Member, Registry};
 use crate::throttle::{throttled, Throttle};
 use crate::worker::{lock, Stop, Workers};
 
-/// Broadcasts waiting for the fan-out thread. When it falls this far behind, the receiver waits,
-/// and new datagrams queue in the kernel (which drops and counts them) instead of in memory.
-const FANOUT_QUEUE: usize = 1024;
+/// Broadcast datagrams, built once, in the order their messages arrived.
+type Job = Vec<Vec<u8>>;
+
+/// Jobs (one per received batch) waiting for the fan-out thread. When it falls this far behind,
+/// the receiver waits, and new datagrams queue in the kernel (which drops and counts them)
+/// instead of in memory.
+const FANOUT_QUEUE: usize = 64;
+/// Jobs sent out together in one round of `sendmmsg` calls.
+const FANOUT_ROUND: usize = 16;
+/// Datagrams read per `recvmmsg` call.
+const RECV_BATCH: usize = 32;
 /// The largest UDP payload over IPv4, the default for `max_datagram`.
 pub const MAX_DATAGRAM: usize = 65_507;
 
@@ -69,6 +77,13 @@ struct Shared {
 }
 
 impl Shared {
+    fn touch(&self, from: SocketAddr, now: Instant) {
+        let joined = lock(&self.registry).touch(from, now);
+        if joined {
+            info!("{from} joined");
+        }
+    }
+
     /// Drops silent clients and logs them. The lock is released before logging: a log record
     /// may wait for the GIL, and a Python thread holding the GIL may be waiting for this lock.
     fn expire(&self, now: Instant, expired: &mut Vec<SocketAddr>) {
@@ -86,7 +101,7 @@ impl Shared {
 pub struct Server {
     shared: Arc<Shared>,
     workers: Workers,
-    fanout: Sender<Vec<u8>>,
+    fanout: Sender<Job>,
 }
 
 impl Server {
@@ -105,7 +120,7 @@ impl Server {
             counters: Counters::default(),
         });
         let workers = Workers::new()?;
-        let (fanout, jobs) = crossbeam_channel::bounded(FANOUT_QUEUE);
+        let (fanout, jobs) = crossbeam_channel::bounded::<Job>(FANOUT_QUEUE);
         let server = Server {
             shared: Arc::clone(&shared),
             workers,
@@ -114,7 +129,16 @@ impl Server {
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
             server.workers.spawn("udpchat-server-recv", move || {
-                receive(&shared, &stop, &fanout)
+                let mut inbox = net::Inbox::new(RECV_BATCH, shared.config.max_datagram);
+                let mut handler = Receive {
+                    shared: &shared,
+                    stop: &stop,
+                    fanout: &fanout,
+                    job: Job::new(),
+                    oversize: Throttle::default(),
+                    icmp: Throttle::default(),
+                };
+                net::receive_loop(&shared.socket, &mut inbox, &stop, &mut handler);
             })?;
         }
         {
@@ -138,10 +162,9 @@ impl Server {
     /// Live clients with the wall-clock time each was last heard from.
     pub fn clients(&self) -> Vec<(SocketAddr, SystemTime)> {
         let now = Instant::now();
-        self.shared.expire(now, &mut Vec::new());
         let wall = SystemTime::now();
         lock(&self.shared.registry)
-            .snapshot()
+            .snapshot(now)
             .into_iter()
             .map(|(addr, seen)| (addr, wall - now.saturating_duration_since(seen)))
             .collect()
@@ -154,7 +177,7 @@ impl Server {
         protocol::write_ack(&mut datagram, self.shared.local, payload);
         let stop = self.workers.stop();
         select! {
-            send(self.fanout, datagram) -> sent => sent.map_err(|_| Error::NotRunning),
+            send(self.fanout, vec![datagram]) -> sent => sent.map_err(|_| Error::NotRunning),
             recv(stop.channel()) -> _ => Err(Error::NotRunning),
         }?;
         Ok(())
@@ -200,89 +223,98 @@ impl Server {
     }
 }
 
-/// The receiver thread: control words update the table, messages go to the fan-out thread.
-fn receive(shared: &Shared, stop: &Stop, fanout: &Sender<Vec<u8>>) {
-    let max = shared.config.max_datagram;
-    // One byte more than the largest accepted datagram: a longer one fills it and is detected.
-    let mut buf = vec![0u8; max + 1];
-    let mut oversize = Throttle::default();
-    let mut icmp = Throttle::default();
-    let counters = &shared.counters;
-    net::receive_loop(
-        &shared.socket,
-        &mut buf,
-        stop,
-        |data, from| {
-            counters.received.fetch_add(1, Relaxed);
-            if data.len() > max {
-                counters.dropped_oversize.fetch_add(1, Relaxed);
-                throttled!(
-                    oversize,
-                    warn,
-                    "dropped a datagram from {from}: more than {max} bytes"
-                );
-                return;
-            }
-            let now = Instant::now();
-            match protocol::classify(data) {
-                Datagram::Empty => {}
-                Datagram::Register | Datagram::Heartbeat => touch(shared, from, now),
-                Datagram::Quit => {
-                    if lock(&shared.registry).remove(from) {
-                        info!("{from} left");
-                    }
-                }
-                Datagram::Message(payload) => {
-                    touch(shared, from, now);
-                    let mut datagram = Vec::new();
-                    protocol::write_ack(&mut datagram, from, payload);
-                    // Blocks while the fan-out queue is full, but never past stop.
-                    select! {
-                        send(fanout, datagram) -> _ => {},
-                        recv(stop.channel()) -> _ => {},
-                    }
-                }
-            }
-        },
-        |e| throttled!(icmp, debug, "ICMP error on the server socket: {e}"),
-    );
+/// The receiver: control words update the table; each batch's messages go to the fan-out thread
+/// as one job, their broadcast datagrams built once.
+struct Receive<'a> {
+    shared: &'a Shared,
+    stop: &'a Stop,
+    fanout: &'a Sender<Job>,
+    job: Job,
+    oversize: Throttle,
+    icmp: Throttle,
 }
 
-fn touch(shared: &Shared, from: SocketAddr, now: Instant) {
-    let joined = lock(&shared.registry).touch(from, now);
-    if joined {
-        info!("{from} joined");
+impl net::Handler for Receive<'_> {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, cut: bool) {
+        let shared = self.shared;
+        shared.counters.received.fetch_add(1, Relaxed);
+        if cut {
+            shared.counters.dropped_oversize.fetch_add(1, Relaxed);
+            let max = shared.config.max_datagram;
+            throttled!(
+                self.oversize,
+                warn,
+                "dropped a datagram from {from}: more than {max} bytes"
+            );
+            return;
+        }
+        let now = Instant::now();
+        match protocol::classify(data) {
+            Datagram::Empty => {}
+            Datagram::Register | Datagram::Heartbeat => shared.touch(from, now),
+            Datagram::Quit => {
+                if lock(&shared.registry).remove(from) {
+                    info!("{from} left");
+                }
+            }
+            Datagram::Message(payload) => {
+                shared.touch(from, now);
+                let mut datagram = Vec::new();
+                protocol::write_ack(&mut datagram, from, payload);
+                self.job.push(datagram);
+            }
+        }
+    }
+
+    fn batch_done(&mut self) {
+        if self.job.is_empty() {
+            return;
+        }
+        let job = std::mem::take(&mut self.job);
+        // Blocks while the fan-out queue is full (the kernel then queues and drops new
+        // datagrams, and counts them), but never past stop.
+        select! {
+            send(self.fanout, job) -> _ => {},
+            recv(self.stop.channel()) -> _ => {},
+        }
+    }
+
+    fn icmp(&mut self, e: &std::io::Error) {
+        throttled!(self.icmp, debug, "ICMP error on the server socket: {e}");
     }
 }
 
 /// The fan-out thread: sends each broadcast to every live client and sweeps out silent ones.
-fn fan_out(shared: &Shared, stop: &Stop, jobs: &Receiver<Vec<u8>>) {
+fn fan_out(shared: &Shared, stop: &Stop, jobs: &Receiver<Job>) {
     let sweep = crossbeam_channel::tick(shared.config.sweep_period());
-    let mut recipients = Vec::new();
+    let mut outbox = net::Outbox::default();
+    let mut round: Vec<Job> = Vec::new();
     let mut expired = Vec::new();
     let mut send_errors = Throttle::default();
     let counters = &shared.counters;
     loop {
         select! {
             recv(jobs) -> job => {
-                let Ok(datagram) = job else { return };
-                let now = Instant::now();
-                shared.expire(now, &mut expired);
-                recipients.clear();
-                lock(&shared.registry).addresses(&mut recipients);
-                counters.broadcasts.fetch_add(1, Relaxed);
-                for &addr in &recipients {
-                    if stop.fired() {
-                        return;
-                    }
-                    match net::send(&shared.socket, &datagram, Some(addr), Some(stop)) {
-                        Ok(()) => counters.deliveries.fetch_add(1, Relaxed),
-                        Err(e) => {
-                            throttled!(send_errors, warn, "cannot send to {addr}: {e}");
-                            counters.send_errors.fetch_add(1, Relaxed)
-                        }
-                    };
-                }
+                let Ok(job) = job else { return };
+                round.push(job);
+                // Whatever else is already queued goes out in the same system calls.
+                round.extend(jobs.try_iter().take(FANOUT_ROUND));
+                let (members, clock) = {
+                    let mut registry = lock(&shared.registry);
+                    (registry.members(), registry.clock())
+                };
+                // Expiry applies here, per member, even between sweeps.
+                let now = clock.stamp(Instant::now());
+                let live = |m: &&Arc<Member>| clock.is_live(m, now);
+                let datagrams = round.iter().flatten();
+                counters.broadcasts.fetch_add(datagrams.clone().count() as u64, Relaxed);
+                let pairs = datagrams.flat_map(|d| members.iter().filter(live).map(move |m| (d.as_slice(), m.addr)));
+                let sent = net::send_each(&shared.socket, &mut outbox, pairs, stop, |addr, e| {
+                    throttled!(send_errors, warn, "cannot send to {addr}: {e}");
+                });
+                counters.deliveries.fetch_add(sent.delivered, Relaxed);
+                counters.send_errors.fetch_add(sent.failed, Relaxed);
+                round.clear();
             },
             recv(sweep) -> _ => shared.expire(Instant::now(), &mut expired),
             recv(stop.channel()) -> _ => return,
