@@ -171,3 +171,19 @@ def test_a_client_registers_again_when_its_server_comes_back(make_client: MakeCl
         back.bind(address)
         data, source = back.recvfrom(100)
         assert (data, source) == (b"^hb^", client.address)
+
+
+def test_recv_many_takes_what_is_waiting(server: ChatServerUdp, make_client: MakeClient) -> None:
+    client = make_client(server.address)
+    for i in range(10):
+        client.send(f"m{i}")
+    assert wait_until(lambda: server.stats()["deliveries"] == 10)
+    time.sleep(0.05)
+    first = client.recv_many(4, timeout=1)
+    rest = client.recv_many(timeout=1)
+    assert [m.text for m in first + rest] == [f"m{i}" for i in range(10)]
+    assert client.recv_many(timeout=0.05) == []
+    with pytest.raises(ValueError):
+        client.recv_many(0)
+    client.stop()
+    assert client.recv_many(timeout=1) == []

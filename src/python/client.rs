@@ -1,7 +1,9 @@
+use crossbeam_channel::RecvTimeoutError;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::message::Message;
@@ -21,6 +23,50 @@ pub struct ChatClientUdp {
     core: Slot<Client>,
     /// `dropped` of the last client stopped, whose socket is closed.
     final_dropped: AtomicU64,
+}
+
+impl ChatClientUdp {
+    /// Waits for the next datagram: with the GIL released, in slices so Ctrl-C is seen promptly.
+    fn wait(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<(Arc<Client>, Vec<u8>)>> {
+        let deadline = match timeout {
+            Some(t) if t.is_nan() || t < 0.0 => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be >= 0 or None, got {t}"
+                )))
+            }
+            Some(t) => {
+                Instant::now().checked_add(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
+            }
+            None => None,
+        };
+        let Some(core) = self.core.get(py) else {
+            return Ok(None);
+        };
+        // A message already waiting is taken without releasing the GIL at all.
+        if let Ok(datagram) = core.messages().try_recv() {
+            return Ok(Some((core, datagram)));
+        }
+        loop {
+            let slice = deadline.map_or(SIGNAL_CHECK, |d| {
+                d.saturating_duration_since(Instant::now())
+                    .min(SIGNAL_CHECK)
+            });
+            match py.detach(|| core.messages().recv_timeout(slice)) {
+                Ok(datagram) => return Ok(Some((core, datagram))),
+                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+                Err(RecvTimeoutError::Timeout) => {
+                    py.check_signals()?;
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[pymethods]
@@ -94,37 +140,35 @@ impl ChatClientUdp {
     /// every message that arrived before has been read.
     #[pyo3(signature = (timeout = None))]
     fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Message>> {
-        let deadline = match timeout {
-            Some(t) if t.is_nan() || t < 0.0 => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be >= 0 or None, got {t}"
-                )))
-            }
-            Some(t) => {
-                Instant::now().checked_add(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
-            }
-            None => None,
-        };
-        let Some(core) = self.core.get(py) else {
-            return Ok(None);
-        };
-        let messages = core.messages();
-        loop {
-            let slice = deadline.map_or(SIGNAL_CHECK, |d| {
-                d.saturating_duration_since(Instant::now())
-                    .min(SIGNAL_CHECK)
-            });
-            match py.detach(|| messages.recv_timeout(slice)) {
-                Ok(datagram) => return Ok(Some(Message::from_datagram(py, &datagram))),
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(None),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                    py.check_signals()?;
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Ok(None);
-                    }
-                }
-            }
+        Ok(self
+            .wait(py, timeout)?
+            .map(|(_, datagram)| Message::from_datagram(py, &datagram)))
+    }
+
+    /// Up to ``max`` messages: waits up to ``timeout`` seconds (None: until one comes) for the
+    /// first, then takes those already waiting. Returns an empty list where ``recv`` returns None.
+    #[pyo3(signature = (max = 1024, timeout = None))]
+    fn recv_many(
+        &self,
+        py: Python<'_>,
+        max: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<Message>> {
+        if max == 0 {
+            return Err(PyValueError::new_err("max must be at least 1"));
         }
+        let Some((core, first)) = self.wait(py, timeout)? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(max.min(core.messages().len() + 1));
+        out.push(Message::from_datagram(py, &first));
+        out.extend(
+            core.messages()
+                .try_iter()
+                .take(max - 1)
+                .map(|d| Message::from_datagram(py, &d)),
+        );
+        Ok(out)
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {

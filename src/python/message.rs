@@ -2,36 +2,54 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::py_addr;
 use crate::protocol;
 
-/// One datagram received from the server, parsed once.
-#[pyclass(frozen, module = "udpchat._udpchat")]
-pub struct Message {
-    raw: Py<PyBytes>,
+/// The `ack:` line of a message: its sender, and where its payload lies in the datagram.
+struct Parsed {
     sender: Option<SocketAddr>,
     payload: Range<usize>,
 }
 
+/// One datagram received from the server. Parsed on first use, so a loop that only wants
+/// `raw` pays nothing for it.
+#[pyclass(frozen, module = "udpchat._udpchat")]
+pub struct Message {
+    raw: Py<PyBytes>,
+    parsed: OnceLock<Parsed>,
+}
+
 impl Message {
     pub fn from_datagram(py: Python<'_>, datagram: &[u8]) -> Message {
-        let (sender, payload) = match protocol::parse_ack(datagram) {
-            Some(ack) => {
-                let start = ack.payload.as_ptr() as usize - datagram.as_ptr() as usize;
-                (Some(ack.sender), start..start + ack.payload.len())
-            }
-            None => (None, 0..datagram.len()),
-        };
         Message {
             raw: PyBytes::new(py, datagram).unbind(),
-            sender,
-            payload,
+            parsed: OnceLock::new(),
         }
     }
 
+    fn parsed(&self, py: Python<'_>) -> &Parsed {
+        self.parsed.get_or_init(|| {
+            let datagram = self.raw.as_bytes(py);
+            match protocol::parse_ack(datagram) {
+                Some(ack) => {
+                    let start = ack.payload.as_ptr() as usize - datagram.as_ptr() as usize;
+                    Parsed {
+                        sender: Some(ack.sender),
+                        payload: start..start + ack.payload.len(),
+                    }
+                }
+                None => Parsed {
+                    sender: None,
+                    payload: 0..datagram.len(),
+                },
+            }
+        })
+    }
+
     fn payload_bytes<'a>(&'a self, py: Python<'a>) -> &'a [u8] {
-        &self.raw.as_bytes(py)[self.payload.clone()]
+        &self.raw.as_bytes(py)[self.parsed(py).payload.clone()]
     }
 }
 
@@ -43,8 +61,8 @@ impl Message {
     }
 
     #[getter]
-    fn sender(&self) -> Option<(String, u16)> {
-        self.sender.map(py_addr)
+    fn sender(&self, py: Python<'_>) -> Option<(String, u16)> {
+        self.parsed(py).sender.map(py_addr)
     }
 
     #[getter]
@@ -73,7 +91,7 @@ impl Message {
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
-        let sender = self.sender().into_pyobject(py)?.repr()?;
+        let sender = self.sender(py).into_pyobject(py)?.repr()?;
         let text = PyString::new(py, &self.text(py)).repr()?;
         Ok(format!("Message(sender={sender}, text={text})"))
     }
