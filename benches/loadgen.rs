@@ -293,7 +293,10 @@ fn blast(listen: SocketAddr, count: u64, size: usize) {
     let mut datagram = b"ack: 127.0.0.1 4242\n".to_vec();
     datagram.extend(payload(0, 0, size));
     datagram.push(b'\n');
-    let mut iov = libc::iovec { iov_base: datagram.as_mut_ptr().cast(), iov_len: datagram.len() };
+    let mut iov = libc::iovec {
+        iov_base: datagram.as_mut_ptr().cast(),
+        iov_len: datagram.len(),
+    };
     let mut hdrs: Vec<libc::mmsghdr> = (0..BATCH)
         .map(|_| {
             // SAFETY: all-zero mmsghdr is valid; the pointers set here outlive every call below.

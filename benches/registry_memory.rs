@@ -29,10 +29,17 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 fn main() {
-    let n: u32 = std::env::args().nth(1).map_or(100_000, |s| s.parse().expect("CLIENTS"));
+    let n: u32 = std::env::args()
+        .nth(1)
+        .map_or(100_000, |s| s.parse().expect("CLIENTS"));
     // Sources spread over 127.0.0.0/8 and ports, as real clients would be.
     let addrs: Vec<SocketAddr> = (0..n)
-        .map(|i| SocketAddr::from((Ipv4Addr::from(0x7f00_0000 | (i / 100 + 1)), 10_000 + (i % 100) as u16)))
+        .map(|i| {
+            SocketAddr::from((
+                Ipv4Addr::from(0x7f00_0000 | (i / 100 + 1)),
+                10_000 + (i % 100) as u16,
+            ))
+        })
         .collect();
     let mut registry = Registry::new(Duration::from_secs(10));
     let before = LIVE.load(Ordering::Relaxed);

@@ -71,7 +71,7 @@ impl Client {
         let (tx, messages) = crossbeam_channel::bounded(config.max_queue);
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
-            workers.spawn("udpchat-client-recv", move || {
+            workers.spawn("udpchat-cli-rx", move || {
                 let mut inbox = net::Inbox::new(RECV_BATCH, RECV_BUFFER);
                 let mut handler = Receive {
                     shared: &shared,
@@ -86,7 +86,7 @@ impl Client {
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
             let interval = config.interval;
-            workers.spawn("udpchat-client-hb", move || {
+            workers.spawn("udpchat-cli-hb", move || {
                 heartbeat(&shared, &stop, interval)
             })?;
         }

@@ -269,6 +269,11 @@ pub struct Outbox {
     hdrs: Vec<libc::mmsghdr>,
 }
 
+// SAFETY: the raw pointers in `iovs` and `hdrs` are only set and used inside one `send_each`
+// call, and the vectors are empty whenever that call is not running; what moves between threads
+// is only their spare capacity.
+unsafe impl Send for Outbox {}
+
 /// What became of a [`send_each`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Sent {
@@ -346,6 +351,10 @@ pub fn send_each<'a>(
     mut on_error: impl FnMut(SocketAddr, io::Error),
 ) -> Sent {
     let mut sent = Sent::default();
+    // Empty already, unless a send panicked half-way: its pointers must never be used.
+    outbox.names.clear();
+    outbox.iovs.clear();
+    outbox.hdrs.clear();
     for (data, to) in pairs {
         outbox.names.push(SockAddr::from(to));
         outbox.iovs.push(libc::iovec {

@@ -229,3 +229,21 @@ def test_random_datagrams_leave_the_server_serving(
         pytest.fail("probe not answered")
     assert server.running
     assert server.stats()["dropped_oversize"] > 0
+
+
+def test_broadcasts_keep_the_order_messages_arrived_in(
+    server: ChatServerUdp, make_peer: MakePeer
+) -> None:
+    # Small fan-outs go out from the receiving thread, large ones from the fan-out thread; the
+    # order must hold across both. 40 clients x 200 messages crosses between them.
+    listeners = [make_peer() for _ in range(40)]
+    for p in listeners:
+        p.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        register(p, server)
+    sender = listeners[0]
+    for i in range(200):
+        sender.sendto(b"%d" % i, server.address)
+    me = sender.getsockname()
+    for p in (listeners[0], listeners[-1]):
+        got = [recv(p) for _ in range(200)]
+        assert got == [ack(me, b"%d" % i) for i in range(200)]
