@@ -120,12 +120,12 @@ def busy_loop() -> None:
         x += 1
 
 
-def serve(kind: str, busy: bool) -> None:
+def serve(kind: str, busy: bool, fanout_threads: int) -> None:
     """Runs one server in this process, prints its address, serves until killed."""
     if kind == "udpchat":
         from udpchat import ChatServerUdp
 
-        server = ChatServerUdp(port=0)
+        server = ChatServerUdp(port=0, fanout_threads=fanout_threads)
         server.start()
         address = server.address
     elif kind == "tutorial":
@@ -152,11 +152,12 @@ def serve(kind: str, busy: bool) -> None:
 
 
 @contextmanager
-def server(kind: str, busy: bool = False) -> Iterator[str]:
+def server(kind: str, busy: bool = False, fanout_threads: int = 1) -> Iterator[str]:
     if kind == "baseline":
         cmd = [str(EXAMPLES / "baseline"), "127.0.0.1:0"]
     else:
-        cmd = [sys.executable, __file__, "serve", kind] + (["--busy"] if busy else [])
+        cmd = [sys.executable, __file__, "serve", kind, "--fanout-threads", str(fanout_threads)]
+        cmd += ["--busy"] if busy else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -256,6 +257,25 @@ def busy_host(seconds: float) -> None:
     table(
         "Busy host: deliveries/s, 100 clients, 64 B, while a CPU-bound Python loop runs",
         ["server", "loop in the server's process", "loop in another process", "ratio"],
+        rows,
+    )
+
+
+def cores(seconds: float) -> None:
+    """Target 7: one fan-out thread against several, where a round is large enough to split."""
+    rows = []
+    base = None
+    for threads in [1, 2, 4]:
+        runs = []
+        for _ in range(3):  # the median of three: this machine's run-to-run spread is wide
+            with server("udpchat", fanout_threads=threads) as address:
+                runs.append(loadgen("throughput", address, 1000, 4, 64, seconds)["deliveries_per_s"])
+        got = sorted(runs)[1]
+        base = base or got
+        rows.append([str(threads), f"{got:,.0f}", ratio(got, base)])
+    table(
+        f"Fan-out threads: deliveries/s, 1000 clients, 64 B, {os.cpu_count()} cores",
+        ["fanout_threads", "deliveries/s", "vs 1"],
         rows,
     )
 
@@ -435,11 +455,12 @@ def main() -> None:
     s = sub.add_parser("serve", help="(internal) run one server")
     s.add_argument("kind")
     s.add_argument("--busy", action="store_true")
+    s.add_argument("--fanout-threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="shorter runs")
     args = parser.parse_args()
     if args.command == "serve":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        serve(args.kind, args.busy)
+        serve(args.kind, args.busy, args.fanout_threads)
         return
     seconds = 1.0 if args.quick else 2.0
     build()
@@ -448,6 +469,7 @@ def main() -> None:
     steps: list[Callable[[], None]] = [
         lambda: fan_out(seconds),
         lambda: busy_host(seconds),
+        lambda: cores(seconds),
         lambda: latency(seconds),
         lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20),
         registry_scale,

@@ -224,6 +224,7 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             interval: Duration::from_secs(10),
             max_datagram: MAX_DATAGRAM,
+            fanout_threads: 1,
         })
         .unwrap();
         let client = Client::start(ClientConfig {

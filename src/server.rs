@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::error::{Error, Result};
 use crate::net;
 use crate::protocol::{self, Datagram};
-use crate::registry::{Member, Registry};
+use crate::registry::{Clock, Member, Registry};
 use crate::throttle::{throttled, Throttle};
 use crate::worker::{lock, Stop, Workers};
 
@@ -33,6 +33,8 @@ const FANOUT_ROUND: usize = 16;
 const RECV_BATCH: usize = 32;
 /// Deliveries (broadcasts times live clients) the receiver sends itself rather than hand over.
 const INLINE_FANOUT: usize = 256;
+/// Deliveries in one round worth splitting between `fanout_threads` threads.
+const PARALLEL_FANOUT: usize = 1024;
 /// The largest UDP payload over IPv4, the default for `max_datagram`.
 pub const MAX_DATAGRAM: usize = 65_507;
 
@@ -43,6 +45,8 @@ pub struct ServerConfig {
     pub interval: Duration,
     /// A datagram longer than this is dropped and counted, never relayed cut.
     pub max_datagram: usize,
+    /// Threads that share a large fan-out. One is right for 2 cores (see BENCHMARKS.md).
+    pub fanout_threads: usize,
 }
 
 impl ServerConfig {
@@ -94,27 +98,52 @@ struct Sending {
 
 impl Shared {
     /// Sends every datagram of `jobs` to every live client. Expiry applies here, per member,
-    /// even between sweeps. Call it holding `sending`.
+    /// even between sweeps. Call it holding `sending`. A large round is split between
+    /// `fanout_threads` threads by client, so each client still gets its datagrams in order.
     fn fan_out<'a>(
         &self,
         sending: &mut Sending,
-        jobs: impl Iterator<Item = &'a Vec<u8>> + Clone,
+        jobs: impl Iterator<Item = &'a Vec<u8>>,
         stop: &Stop,
     ) {
         let (members, clock) = {
             let mut registry = lock(&self.registry);
             (registry.members(), registry.clock())
         };
-        let now = clock.stamp(Instant::now());
-        let live = |m: &&Arc<Member>| clock.is_live(m, now);
+        let datagrams: Vec<&[u8]> = jobs.map(Vec::as_slice).collect();
         self.counters
             .broadcasts
-            .fetch_add(jobs.clone().count() as u64, Relaxed);
-        let pairs = jobs.flat_map(|d| {
-            members
-                .iter()
-                .filter(live)
-                .map(move |m| (d.as_slice(), m.addr))
+            .fetch_add(datagrams.len() as u64, Relaxed);
+        let now = clock.stamp(Instant::now());
+        let threads = self.config.fanout_threads;
+        if threads < 2 || members.len() * datagrams.len() < PARALLEL_FANOUT {
+            return self.send_to_part(sending, &datagrams, &members, (clock, now), stop);
+        }
+        let mut parts = members.chunks(members.len().div_ceil(threads));
+        let first = parts.next().unwrap_or_default();
+        std::thread::scope(|scope| {
+            for part in parts {
+                let datagrams = &datagrams;
+                scope.spawn(move || {
+                    self.send_to_part(&mut Sending::default(), datagrams, part, (clock, now), stop)
+                });
+            }
+            self.send_to_part(sending, &datagrams, first, (clock, now), stop);
+        });
+    }
+
+    fn send_to_part(
+        &self,
+        sending: &mut Sending,
+        datagrams: &[&[u8]],
+        part: &[Arc<Member>],
+        (clock, now): (Clock, u64),
+        stop: &Stop,
+    ) {
+        let pairs = datagrams.iter().flat_map(|d| {
+            part.iter()
+                .filter(move |m| clock.is_live(m, now))
+                .map(move |m| (*d, m.addr))
         });
         let errors = &mut sending.errors;
         let sent = net::send_each(&self.socket, &mut sending.outbox, pairs, stop, |addr, e| {
@@ -399,6 +428,7 @@ mod tests {
             addr: "127.0.0.1:0".parse().unwrap(),
             interval: Duration::from_secs(10),
             max_datagram,
+            fanout_threads: 1,
         })
         .unwrap()
     }

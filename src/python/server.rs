@@ -38,10 +38,21 @@ impl ChatServerUdp {
 impl ChatServerUdp {
     #[new]
     #[pyo3(
-        signature = (ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM),
-        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507)"
+        signature = (ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM, fanout_threads = 1),
+        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, fanout_threads=1)"
     )]
-    fn new(ip: &str, port: Port, interval: f64, max_datagram: usize) -> PyResult<Self> {
+    fn new(
+        ip: &str,
+        port: Port,
+        interval: f64,
+        max_datagram: usize,
+        fanout_threads: usize,
+    ) -> PyResult<Self> {
+        if !(1..=64).contains(&fanout_threads) {
+            return Err(PyValueError::new_err(format!(
+                "fanout_threads must be in 1..64, got {fanout_threads}"
+            )));
+        }
         if !(1..=65_535).contains(&max_datagram) {
             return Err(PyValueError::new_err(format!(
                 "max_datagram must be in 1..65535, got {max_datagram}"
@@ -52,6 +63,7 @@ impl ChatServerUdp {
                 addr: SocketAddr::new(parse_ip(ip)?, port.0),
                 interval: parse_seconds("interval", interval)?,
                 max_datagram,
+                fanout_threads,
             },
             ip: ip.to_owned(),
             interval,
