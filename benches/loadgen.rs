@@ -6,7 +6,7 @@
 //!   loadgen latency    SERVER CLIENTS RATE SIZE SECONDS
 //!   loadgen blast      LISTEN COUNT SIZE          (plays a server: waits for `reg`, then sends)
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -226,37 +226,100 @@ fn throughput(server: SocketAddr, n: usize, senders: usize, size: usize, seconds
     );
 }
 
+/// CLOCK_REALTIME in nanoseconds: the clock of the kernel's receive timestamps.
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// Reads one datagram with the kernel's receive timestamp (SO_TIMESTAMPNS), so the time a
+/// datagram arrived does not depend on when this loop got round to it.
+fn recv_stamped(fd: i32, buf: &mut [u8]) -> Option<(usize, u64)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: all-zero msghdr is valid; it points at `iov` and `control`, both alive here.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: as above.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return None;
+    }
+    // SAFETY: walking the control messages the kernel wrote into `control`.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !cmsg.is_null() {
+        let c = unsafe { &*cmsg };
+        if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_TIMESTAMPNS {
+            let ts =
+                unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::timespec) };
+            return Some((
+                n as usize,
+                ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64,
+            ));
+        }
+        cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+    }
+    Some((n as usize, realtime_ns()))
+}
+
 fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
     let sockets = clients(server, n);
+    // The first ten clients take turns to send; each times its own copy of what it sent.
+    let chatters = 10.min(n);
+    for s in &sockets[..chatters] {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_TIMESTAMPNS,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
     let epoll = Epoll::new(&sockets);
     let mut reader = Reader::new();
+    let mut buf = [0u8; BUF];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let start = Instant::now();
     let period = Duration::from_secs_f64(1.0 / rate);
     let total = (rate * seconds) as u64;
     let mut sent = 0u64;
-    let mut pending: HashMap<u64, ()> = HashMap::new();
+    let mut pending: HashSet<u64> = HashSet::new();
     let mut rtts: Vec<u64> = Vec::with_capacity(total as usize);
     let deadline = Duration::from_secs_f64(seconds) + Duration::from_secs(1);
     while start.elapsed() < deadline && (sent < total || !pending.is_empty()) {
         if sent < total && start.elapsed() >= period * sent as u32 {
-            let t = start.elapsed().as_nanos() as u64;
-            // The sender rotates over the first ten clients; only it times its own echo.
-            let _ = sockets[(sent % 10.min(n as u64)) as usize]
-                .send_to(&payload(sent, t, size), server);
-            pending.insert(sent, ());
+            let message = payload(sent, realtime_ns(), size);
+            let _ = sockets[(sent % chatters as u64) as usize].send_to(&message, server);
+            pending.insert(sent);
             sent += 1;
         }
         let ready = epoll.wait(&mut events, 0);
         for ev in &events[..ready] {
-            let i = ev.u64;
-            reader.drain(sockets[i as usize].as_raw_fd(), |d| {
-                if let Some((seq, t)) = parse(d) {
-                    if seq % 10.min(n as u64) == i && pending.remove(&seq).is_some() {
-                        rtts.push(start.elapsed().as_nanos() as u64 - t);
+            let i = ev.u64 as usize;
+            let fd = sockets[i].as_raw_fd();
+            if i >= chatters {
+                reader.drain(fd, |_| {});
+                continue;
+            }
+            while let Some((len, arrived)) = recv_stamped(fd, &mut buf) {
+                if let Some((seq, t)) = parse(&buf[..len]) {
+                    if seq % chatters as u64 == i as u64 && pending.remove(&seq) {
+                        rtts.push(arrived.saturating_sub(t));
                     }
                 }
-            });
+            }
         }
         if ready == 0 {
             std::hint::spin_loop();
