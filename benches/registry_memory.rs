@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use udpchat::registry::Registry;
+use udpchat::registry::{Limits, Registry};
 
 struct Counting;
 
@@ -41,7 +41,11 @@ fn main() {
             ))
         })
         .collect();
-    let mut registry = Registry::new(Duration::from_secs(10));
+    let limits = Limits {
+        max_clients: n as usize,
+        max_per_ip: n as usize,
+    };
+    let mut registry = Registry::new(Duration::from_secs(10), limits);
     let before = LIVE.load(Ordering::Relaxed);
     let t0 = Instant::now();
     for &a in &addrs {

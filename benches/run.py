@@ -269,7 +269,9 @@ def cores(seconds: float) -> None:
         runs = []
         for _ in range(3):  # the median of three: this machine's run-to-run spread is wide
             with server("udpchat", fanout_threads=threads) as address:
-                runs.append(loadgen("throughput", address, 1000, 4, 64, seconds)["deliveries_per_s"])
+                runs.append(
+                    loadgen("throughput", address, 1000, 4, 64, seconds)["deliveries_per_s"]
+                )
         got = sorted(runs)[1]
         base = base or got
         rows.append([str(threads), f"{got:,.0f}", ratio(got, base)])

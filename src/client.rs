@@ -1,23 +1,32 @@
 //! The chat client: registers with `reg`, heartbeats every `interval` from its own thread, and
 //! hands every datagram from the server to the caller through a bounded channel.
+//!
+//! It follows a validated-mode server without being told: its `reg`, heartbeats and `quit` are
+//! padded (open servers strip the padding), so such a server can answer with a challenge; the
+//! client returns the cookie, receives its token, and from then on every datagram carries it.
+//! Messages sent before the token came are sent again with it.
 
 use crossbeam_channel::{select, Receiver, Sender, TrySendError};
 use log::{info, warn};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::net;
-use crate::protocol;
+use crate::protocol::{self, TOKEN_LEN};
 use crate::throttle::{throttled, Throttle};
-use crate::worker::{Stop, Workers};
+use crate::worker::{lock, Stop, Workers};
 
 /// The largest datagram UDP can carry (IPv6's limit); nothing from the server is ever cut.
 const RECV_BUFFER: usize = 65_536;
 /// Datagrams read per `recvmmsg` call.
 const RECV_BATCH: usize = 16;
+/// Messages sent this soon after start, before any token, are kept to send again once one comes:
+/// a validated-mode server dropped them.
+const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+const UNSENT_MAX: usize = 64;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -32,9 +41,59 @@ pub struct ClientConfig {
 struct Shared {
     /// Connected to the server: the kernel drops datagrams from anyone else.
     socket: UdpSocket,
+    started: Instant,
     /// Set when the server said `end`: the client then stops without sending `quit`.
     ended: AtomicBool,
     dropped: AtomicU64,
+    /// When the server was last heard from, in nanoseconds since the Unix epoch; 0: never.
+    last_heard: AtomicU64,
+    /// Validated mode: this client's token, once the server has given one.
+    token: Mutex<Option<[u8; TOKEN_LEN]>>,
+    /// Messages sent before a token came, within `HANDSHAKE_GRACE` of start.
+    unsent: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Shared {
+    /// `body` as this client sends it: with its token, padded, once it has one; control words
+    /// padded before that (so a validated server may challenge them); messages as they are.
+    fn frame(&self, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Some(token) = *lock(&self.token) {
+            out.extend_from_slice(&token);
+            out.push(b' ');
+            out.extend_from_slice(body);
+            protocol::pad(&mut out);
+        } else {
+            out.extend_from_slice(body);
+            if matches!(body, protocol::REG | protocol::HEARTBEAT | protocol::QUIT) {
+                protocol::pad(&mut out);
+            }
+        }
+        out
+    }
+
+    /// Frames and sends `body`. A connected UDP socket reports an ICMP error for an earlier
+    /// datagram on the next call: it says the server was unreachable then, not that this datagram
+    /// failed, so the send is tried once more.
+    fn send(&self, body: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
+        let datagram = self.frame(body);
+        match net::send(&self.socket, &datagram, None, stop) {
+            Err(e) if net::is_icmp_error(&e) => net::send(&self.socket, &datagram, None, stop),
+            other => other,
+        }
+    }
+
+    /// Sends a chat message, keeping it for the handshake if it may have been dropped for want
+    /// of a token.
+    fn send_message(&self, body: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
+        if lock(&self.token).is_none() && self.started.elapsed() < HANDSHAKE_GRACE {
+            let mut unsent = lock(&self.unsent);
+            if unsent.len() < UNSENT_MAX {
+                unsent.push(body.to_vec());
+            }
+        }
+        self.send(body, stop)
+    }
 }
 
 pub struct Client {
@@ -52,7 +111,7 @@ impl Client {
             SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
             SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
         };
-        let socket = net::bind(SocketAddr::new(any, 0))
+        let socket = net::bind(SocketAddr::new(any, 0), None)
             .map_err(|e| Error::io("cannot bind a client socket", e))?;
         socket
             .connect(config.server)
@@ -60,13 +119,18 @@ impl Client {
         let local = socket
             .local_addr()
             .map_err(|e| Error::io("cannot read local address", e))?;
-        net::send(&socket, protocol::REG, None, None)
-            .map_err(|e| Error::io(format!("cannot register with {}", config.server), e))?;
         let shared = Arc::new(Shared {
             socket,
+            started: Instant::now(),
             ended: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            last_heard: AtomicU64::new(0),
+            token: Mutex::new(None),
+            unsent: Mutex::new(Vec::new()),
         });
+        shared
+            .send(protocol::REG, None)
+            .map_err(|e| Error::io(format!("cannot register with {}", config.server), e))?;
         let workers = Workers::new()?;
         let (tx, messages) = crossbeam_channel::bounded(config.max_queue);
         {
@@ -119,15 +183,29 @@ impl Client {
         self.shared.dropped.load(Ordering::Relaxed)
     }
 
+    /// When the server was last heard from, if ever.
+    pub fn last_heard(&self) -> Option<SystemTime> {
+        match self.shared.last_heard.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(UNIX_EPOCH + Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Whether a validated-mode server has given this client its token.
+    pub fn validated(&self) -> bool {
+        lock(&self.shared.token).is_some()
+    }
+
     /// `Err` if a core thread panicked.
     pub fn failure(&self) -> Result<()> {
         self.workers.failure()
     }
 
-    /// Sends one datagram to the server.
+    /// Sends one chat message to the server.
     pub fn send(&self, data: &[u8]) -> Result<()> {
         self.workers.check()?;
-        send_to_server(&self.shared, data, Some(self.workers.stop()))
+        self.shared
+            .send_message(data, Some(self.workers.stop()))
             .map_err(|e| Error::io("cannot send to the server", e))
     }
 
@@ -139,7 +217,7 @@ impl Client {
             return;
         }
         if was_running && !self.shared.ended.load(Ordering::Acquire) {
-            if let Err(e) = send_to_server(&self.shared, protocol::QUIT, None) {
+            if let Err(e) = self.shared.send(protocol::QUIT, None) {
                 warn!("{} could not send quit: {e}", self.local);
             }
         }
@@ -147,16 +225,8 @@ impl Client {
     }
 }
 
-/// A connected UDP socket reports an ICMP error for an earlier datagram on the next call. It says
-/// the server was unreachable then, not that this datagram failed, so the send is tried once more.
-fn send_to_server(shared: &Shared, data: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
-    match net::send(&shared.socket, data, None, stop) {
-        Err(e) if net::is_icmp_error(&e) => net::send(&shared.socket, data, None, stop),
-        other => other,
-    }
-}
-
-/// The receiver: hands every datagram from the server to the caller, until `end`.
+/// The receiver: answers a validated server's handshake, hands every other datagram from the
+/// server to the caller, until `end`.
 struct Receive<'a> {
     shared: &'a Shared,
     stop: &'a Stop,
@@ -165,13 +235,51 @@ struct Receive<'a> {
     icmp: Throttle,
 }
 
+impl Receive<'_> {
+    /// `end`, or in validated mode `end {token}`: a forged plain `end` cannot close the client.
+    fn is_end(&self, data: &[u8]) -> bool {
+        match *lock(&self.shared.token) {
+            None => protocol::strip(data) == protocol::END,
+            Some(token) => protocol::parse_keyed(data, protocol::END_KEYED) == Some(&token[..]),
+        }
+    }
+}
+
 impl net::Handler for Receive<'_> {
     fn datagram(&mut self, data: &[u8], from: SocketAddr, _cut: bool) {
         let shared = self.shared;
         if shared.ended.load(Ordering::Relaxed) {
             return; // the rest of the batch that brought `end`
         }
-        if protocol::strip(data) == protocol::END {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        shared
+            .last_heard
+            .store(now.as_nanos() as u64, Ordering::Relaxed);
+        if let Some(cookie) = protocol::parse_keyed(data, protocol::CHALLENGE) {
+            let mut answer = b"reg ".to_vec();
+            answer.extend_from_slice(cookie);
+            protocol::pad(&mut answer);
+            if let Err(e) = net::send(&shared.socket, &answer, None, Some(self.stop)) {
+                warn!("cannot answer the server's challenge: {e}");
+            }
+            return;
+        }
+        if let Some(token) = protocol::parse_keyed(data, protocol::WELCOME) {
+            let token: [u8; TOKEN_LEN] = token.try_into().expect("parse_keyed checks the length");
+            let first = lock(&shared.token).replace(token).is_none();
+            if first {
+                info!("validated by the server at {from}");
+            }
+            for body in std::mem::take(&mut *lock(&shared.unsent)) {
+                if let Err(e) = shared.send(&body, Some(self.stop)) {
+                    warn!("cannot send a message again after validation: {e}");
+                }
+            }
+            return;
+        }
+        if self.is_end(data) {
             info!("the server at {from} ended the chat");
             shared.ended.store(true, Ordering::Release);
             self.stop.fire();
@@ -204,7 +312,7 @@ fn heartbeat(shared: &Shared, stop: &Stop, interval: Duration) {
     loop {
         select! {
             recv(ticks) -> _ => {
-                if let Err(e) = send_to_server(shared, protocol::HEARTBEAT, Some(stop)) {
+                if let Err(e) = shared.send(protocol::HEARTBEAT, Some(stop)) {
                     throttled!(errors, warn, "heartbeat failed: {e}");
                 }
             },
@@ -216,17 +324,12 @@ fn heartbeat(shared: &Shared, stop: &Stop, interval: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::{Server, ServerConfig, MAX_DATAGRAM};
+    use crate::server::{Server, ServerConfig};
 
     #[test]
     fn a_client_hears_itself_and_closes_on_end() {
-        let server = Server::start(ServerConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            interval: Duration::from_secs(10),
-            max_datagram: MAX_DATAGRAM,
-            fanout_threads: 1,
-        })
-        .unwrap();
+        let server =
+            Server::start(ServerConfig::default_for("127.0.0.1:0".parse().unwrap())).unwrap();
         let client = Client::start(ClientConfig {
             server: server.local_addr(),
             interval: Duration::from_millis(50),

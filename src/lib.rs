@@ -7,10 +7,12 @@
 #[cfg(not(target_os = "linux"))]
 compile_error!("udpchat runs on Linux: its core uses recvmmsg and sendmmsg");
 
+mod auth;
 pub mod client;
 pub mod error;
 mod net;
 pub mod protocol;
+mod ratelimit;
 pub mod registry;
 pub mod server;
 mod throttle;

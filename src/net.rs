@@ -6,7 +6,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
-use socket2::{SockAddr, SockAddrStorage};
+use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use crate::throttle::{throttled, Throttle};
 use crate::worker::Stop;
@@ -16,11 +16,39 @@ const SEND_WAIT: Duration = Duration::from_millis(200);
 /// Pause after an unexpected receive error, so a persistent one cannot spin a core.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
-/// Binds a non-blocking UDP socket.
-pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = UdpSocket::bind(addr)?;
+/// Binds a non-blocking UDP socket; `rcvbuf` asks for a kernel receive buffer of that many
+/// bytes (the kernel may cap it at net.core.rmem_max).
+pub fn bind(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Some(bytes) = rcvbuf {
+        socket.set_recv_buffer_size(bytes)?;
+    }
+    socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
-    Ok(socket)
+    Ok(socket.into())
+}
+
+/// SO_MEMINFO from asm-generic/socket.h (x86, arm, riscv); the libc crate names only its fields.
+const SO_MEMINFO: libc::c_int = 55;
+
+/// How many datagrams the kernel has dropped on this socket for want of receive buffer space.
+pub fn kernel_drops(socket: &UdpSocket) -> io::Result<u64> {
+    let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info` and updates `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(u64::from(info[libc::SK_MEMINFO_DROPS as usize]))
 }
 
 enum Ready {
@@ -407,7 +435,7 @@ mod tests {
 
     #[test]
     fn receive_loop_reads_every_datagram_in_batches_then_returns_on_stop() {
-        let socket = Arc::new(bind(local()).unwrap());
+        let socket = Arc::new(bind(local(), None).unwrap());
         let addr = socket.local_addr().unwrap();
         let stop = Arc::new(Stop::new().unwrap());
         let peer = UdpSocket::bind(local()).unwrap();
@@ -451,7 +479,7 @@ mod tests {
         let closed = UdpSocket::bind(local()).unwrap();
         let closed_addr = closed.local_addr().unwrap();
         drop(closed);
-        let socket = bind(local()).unwrap();
+        let socket = bind(local(), None).unwrap();
         socket.connect(closed_addr).unwrap();
         send(&socket, b"x", None, None).unwrap();
         let stop = Stop::new().unwrap();
@@ -469,7 +497,7 @@ mod tests {
 
     #[test]
     fn send_each_delivers_every_pair_across_batches() {
-        let socket = bind(local()).unwrap();
+        let socket = bind(local(), None).unwrap();
         let stop = Stop::new().unwrap();
         // Few enough per peer to fit its receive buffer.
         let peers: Vec<UdpSocket> = (0..6).map(|_| UdpSocket::bind(local()).unwrap()).collect();
@@ -498,5 +526,24 @@ mod tests {
                 assert_eq!(&buf[..n], &d[..]);
             }
         }
+    }
+
+    #[test]
+    fn kernel_drops_are_counted() {
+        let socket = bind(local(), Some(4096)).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let peer = UdpSocket::bind(local()).unwrap();
+        // A tiny buffer overflows at once; the kernel counts what it drops.
+        for _ in 0..200 {
+            peer.send_to(&[1u8; 512], addr).unwrap();
+        }
+        let mut buf = [0u8; 600];
+        let mut received = 0;
+        while socket.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        let dropped = kernel_drops(&socket).unwrap();
+        assert!(dropped > 0);
+        assert_eq!(dropped + received, 200);
     }
 }

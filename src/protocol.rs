@@ -3,6 +3,10 @@
 //! Client → server datagrams are compared after stripping the ASCII whitespace that Python's
 //! `bytes.strip()` strips, so `nc -u` lines and the tutorial's own client both work.
 //! Server → client: `ack: {ip} {port}\n{payload}\n` for every chat message, `end` on stop.
+//!
+//! Validated mode adds a handshake and a token (see README, "Validated mode"):
+//! `reg` padded → `challenge {cookie}` → `reg {cookie}` → `welcome {token}`, then every
+//! datagram from the client is `{token} {body}`, padded, where body is as in the open protocol.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -14,8 +18,95 @@ pub const HEARTBEAT: &[u8] = b"^hb^";
 pub const QUIT: &[u8] = b"quit";
 /// Sent by the server to every client when it stops.
 pub const END: &[u8] = b"end";
+/// Validated mode's `end`: followed by the client's token, so a forged `end` cannot close it.
+pub const END_KEYED: &[u8] = b"end ";
 
 const ACK_PREFIX: &[u8] = b"ack: ";
+
+/// Validated mode: the server's answer to a `reg`, carrying a cookie.
+pub const CHALLENGE: &[u8] = b"challenge ";
+/// Validated mode: the server's answer to a returned cookie, carrying the client's token.
+pub const WELCOME: &[u8] = b"welcome ";
+/// Length of a cookie or token on the wire: 16 bytes, hex-encoded.
+pub const TOKEN_LEN: usize = 32;
+/// Everything a validated-mode client sends is padded with spaces to this length, so the server
+/// may answer with a challenge (42 bytes) and still send no more than it received. The open
+/// protocol strips the padding, so servers of either kind read it.
+pub const PADDED_LEN: usize = 64;
+/// The size of a challenge: the server sends one only in reply to a datagram at least this long.
+pub const CHALLENGE_LEN: usize = CHALLENGE.len() + TOKEN_LEN;
+// A padded datagram is always long enough to be answered with a challenge.
+const _: () = assert!(CHALLENGE_LEN <= PADDED_LEN);
+
+/// False for addresses a server must never register or send to: port 0, the unspecified
+/// address, broadcast and multicast (as themselves or as IPv4-mapped IPv6). A datagram "from"
+/// one of them is forged, and answering it would reach no one or everyone.
+pub fn is_valid_peer(addr: SocketAddr) -> bool {
+    if addr.port() == 0 {
+        return false;
+    }
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) => !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast()),
+        IpAddr::V6(ip) => !(ip.is_unspecified() || ip.is_multicast()),
+    }
+}
+
+/// A datagram received by a validated-mode server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Validated<'a> {
+    /// `reg` (padded or not): asks for a challenge.
+    Hello,
+    /// `reg {cookie}`: answers a challenge.
+    Answer(&'a [u8]),
+    /// `{token} {body}`: a registered client's datagram; the body is read as in open mode.
+    Tokened { token: &'a [u8], body: &'a [u8] },
+    /// Anything else: nothing a validated server accepts.
+    Other,
+}
+
+fn is_hex_token(t: &[u8]) -> bool {
+    t.len() == TOKEN_LEN && t.iter().all(u8::is_ascii_hexdigit)
+}
+
+/// Classifies a datagram received by a validated-mode server.
+pub fn classify_validated(data: &[u8]) -> Validated<'_> {
+    let data = strip(data);
+    if data == REG {
+        return Validated::Hello;
+    }
+    if let Some(cookie) = data.strip_prefix(b"reg ") {
+        if is_hex_token(cookie) {
+            return Validated::Answer(cookie);
+        }
+    }
+    if data.len() > TOKEN_LEN && data[TOKEN_LEN] == b' ' && is_hex_token(&data[..TOKEN_LEN]) {
+        return Validated::Tokened {
+            token: &data[..TOKEN_LEN],
+            body: &data[TOKEN_LEN + 1..],
+        };
+    }
+    Validated::Other
+}
+
+/// Pads `out` with spaces to `PADDED_LEN`.
+pub fn pad(out: &mut Vec<u8>) {
+    if out.len() < PADDED_LEN {
+        out.resize(PADDED_LEN, b' ');
+    }
+}
+
+/// `{prefix}{token}`, e.g. a challenge or a welcome; `token` is hex.
+pub fn write_keyed(out: &mut Vec<u8>, prefix: &[u8], token: &[u8]) {
+    out.extend_from_slice(prefix);
+    out.extend_from_slice(token);
+}
+
+/// The hex token after `prefix` in a datagram from the server (a challenge or a welcome).
+pub fn parse_keyed<'a>(datagram: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    strip(datagram)
+        .strip_prefix(prefix)
+        .filter(|t| is_hex_token(t))
+}
 
 /// What a datagram received by the server means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +295,73 @@ mod tests {
         #[test]
         fn parse_ack_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = parse_ack(&data);
+        }
+    }
+
+    #[test]
+    fn forged_looking_sources_are_not_peers() {
+        for bad in [
+            "127.0.0.1:0",
+            "0.0.0.0:5",
+            "255.255.255.255:5",
+            "224.0.0.1:5",
+            "[::]:5",
+            "[ff02::1]:5",
+            "[::ffff:255.255.255.255]:5",
+            "[::ffff:239.1.1.1]:5",
+        ] {
+            assert!(!is_valid_peer(addr(bad)), "{bad}");
+        }
+        for good in [
+            "127.0.0.1:5",
+            "10.1.2.3:65535",
+            "[::1]:5",
+            "[::ffff:127.0.0.1]:5",
+        ] {
+            assert!(is_valid_peer(addr(good)), "{good}");
+        }
+    }
+
+    #[test]
+    fn validated_datagrams_are_told_apart() {
+        let token = [b'a'; TOKEN_LEN];
+        let mut padded = b"reg".to_vec();
+        pad(&mut padded);
+        assert_eq!(padded.len(), PADDED_LEN);
+        assert_eq!(classify_validated(&padded), Validated::Hello);
+        assert_eq!(classify(&padded), Datagram::Register); // open servers read it too
+        let mut answer = b"reg ".to_vec();
+        answer.extend_from_slice(&token);
+        assert_eq!(classify_validated(&answer), Validated::Answer(&token));
+        let mut tokened = token.to_vec();
+        tokened.extend_from_slice(b" ^hb^");
+        pad(&mut tokened);
+        assert_eq!(
+            classify_validated(&tokened),
+            Validated::Tokened {
+                token: &token,
+                body: b"^hb^"
+            }
+        );
+        for other in [&b"^hb^"[..], b"quit", b"hello", b"reg 123", &token] {
+            assert_eq!(
+                classify_validated(other),
+                Validated::Other,
+                "{:?}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        let mut challenge = Vec::new();
+        write_keyed(&mut challenge, CHALLENGE, &token);
+        assert_eq!(challenge.len(), CHALLENGE_LEN);
+        assert_eq!(parse_keyed(&challenge, CHALLENGE), Some(&token[..]));
+        assert_eq!(parse_keyed(&challenge, WELCOME), None);
+    }
+
+    proptest! {
+        #[test]
+        fn classify_validated_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = classify_validated(&data);
         }
     }
 }

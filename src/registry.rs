@@ -6,7 +6,7 @@
 //! stamp without the lock, so expiry applies at broadcast time even between sweeps.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,24 +46,58 @@ impl Clock {
     }
 }
 
+/// How many clients the table takes: in all, and from one IP address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_clients: usize,
+    pub max_per_ip: usize,
+}
+
+/// What a datagram from an address did to the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// A registered client, now marked alive.
+    Refreshed,
+    /// A new client, now registered.
+    Joined,
+    /// A new client turned away: the table holds `max_clients` already.
+    Full,
+    /// A new client turned away: its IP address holds `max_per_ip` already.
+    IpFull,
+}
+
 #[derive(Debug)]
 pub struct Registry {
     clock: Clock,
+    limits: Limits,
     members: HashMap<SocketAddr, Arc<Member>>,
+    /// Registered clients per IP address, for `max_per_ip`.
+    per_ip: HashMap<IpAddr, usize>,
     /// The member list as the fan-out last took it; None after a join or a leave.
     snapshot: Option<Members>,
 }
 
 impl Registry {
     /// A client not heard from for more than `interval` is expired.
-    pub fn new(interval: Duration) -> Self {
+    pub fn new(interval: Duration, limits: Limits) -> Self {
         Registry {
             clock: Clock {
                 epoch: Instant::now(),
                 interval: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
             },
+            limits,
             members: HashMap::new(),
+            per_ip: HashMap::new(),
             snapshot: None,
+        }
+    }
+
+    fn forget(per_ip: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
         }
     }
 
@@ -71,26 +105,36 @@ impl Registry {
         self.clock
     }
 
-    /// Marks `addr` alive at `now`. Returns true if it was not registered before.
-    pub fn touch(&mut self, addr: SocketAddr, now: Instant) -> bool {
+    /// Marks `addr` alive at `now`, registering it if the limits allow. Nothing already
+    /// registered is disturbed by a refusal.
+    pub fn touch(&mut self, addr: SocketAddr, now: Instant) -> Touch {
         let stamp = self.clock.stamp(now);
         if let Some(member) = self.members.get(&addr) {
             member.last_seen.store(stamp, Ordering::Relaxed);
-            return false;
+            return Touch::Refreshed;
         }
+        if self.members.len() >= self.limits.max_clients {
+            return Touch::Full;
+        }
+        let from_ip = self.per_ip.entry(addr.ip()).or_default();
+        if *from_ip >= self.limits.max_per_ip {
+            return Touch::IpFull;
+        }
+        *from_ip += 1;
         let member = Member {
             addr,
             last_seen: AtomicU64::new(stamp),
         };
         self.members.insert(addr, Arc::new(member));
         self.snapshot = None;
-        true
+        Touch::Joined
     }
 
     /// Removes `addr`. Returns true if it was registered.
     pub fn remove(&mut self, addr: SocketAddr) -> bool {
         let removed = self.members.remove(&addr).is_some();
         if removed {
+            Self::forget(&mut self.per_ip, addr.ip());
             self.snapshot = None;
         }
         removed
@@ -99,10 +143,12 @@ impl Registry {
     /// Removes every client silent for more than `interval` at `now`; appends them to `expired`.
     pub fn expire(&mut self, now: Instant, expired: &mut Vec<SocketAddr>) {
         let (clock, stamp, before) = (self.clock, self.clock.stamp(now), expired.len());
+        let per_ip = &mut self.per_ip;
         self.members.retain(|&addr, member| {
             let live = clock.is_live(member, stamp);
             if !live {
                 expired.push(addr);
+                Self::forget(per_ip, addr.ip());
             }
             live
         });
@@ -153,6 +199,11 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], port))
     }
 
+    const ROOMY: Limits = Limits {
+        max_clients: 1000,
+        max_per_ip: 1000,
+    };
+
     fn live_addrs(r: &mut Registry, now: Instant) -> Vec<SocketAddr> {
         let (clock, stamp) = (r.clock(), r.clock().stamp(now));
         let mut v: Vec<_> = r
@@ -167,11 +218,11 @@ mod tests {
 
     #[test]
     fn touch_registers_once_and_refreshes() {
-        let mut r = Registry::new(Duration::from_secs(10));
+        let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
-        assert!(r.touch(addr(1), t0));
+        assert_eq!(r.touch(addr(1), t0), Touch::Joined);
         let t5 = t0 + Duration::from_secs(5);
-        assert!(!r.touch(addr(1), t5));
+        assert_eq!(r.touch(addr(1), t5), Touch::Refreshed);
         assert_eq!(r.len(), 1);
         let snap = r.snapshot(t5);
         assert_eq!(snap.len(), 1);
@@ -181,7 +232,7 @@ mod tests {
 
     #[test]
     fn remove_reports_whether_registered() {
-        let mut r = Registry::new(Duration::from_secs(10));
+        let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         r.touch(addr(1), Instant::now());
         assert!(r.remove(addr(1)));
         assert!(!r.remove(addr(1)));
@@ -191,7 +242,7 @@ mod tests {
     #[test]
     fn expiry_is_strictly_after_the_interval() {
         let interval = Duration::from_secs(10);
-        let mut r = Registry::new(interval);
+        let mut r = Registry::new(interval, ROOMY);
         let t0 = Instant::now();
         r.touch(addr(1), t0);
         r.touch(addr(2), t0 + Duration::from_secs(3));
@@ -214,7 +265,7 @@ mod tests {
 
     #[test]
     fn the_member_list_is_rebuilt_only_when_membership_changes() {
-        let mut r = Registry::new(Duration::from_secs(10));
+        let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
         r.touch(addr(1), t0);
         let first = r.members();
@@ -231,5 +282,34 @@ mod tests {
         r.touch(addr(2), t0 + Duration::from_secs(9));
         let clock = r.clock();
         assert!(clock.is_live(&held[0], clock.stamp(t0 + Duration::from_secs(19))));
+    }
+
+    #[test]
+    fn caps_refuse_newcomers_and_disturb_nobody() {
+        let limits = Limits {
+            max_clients: 3,
+            max_per_ip: 2,
+        };
+        let mut r = Registry::new(Duration::from_secs(10), limits);
+        let t0 = Instant::now();
+        let other_ip = SocketAddr::from(([127, 0, 0, 2], 1));
+        assert_eq!(r.touch(addr(1), t0), Touch::Joined);
+        assert_eq!(r.touch(addr(2), t0), Touch::Joined);
+        assert_eq!(r.touch(addr(3), t0), Touch::IpFull);
+        assert_eq!(r.touch(other_ip, t0), Touch::Joined);
+        assert_eq!(
+            r.touch(SocketAddr::from(([127, 0, 0, 3], 1)), t0),
+            Touch::Full
+        );
+        // Those registered are still refreshed at the cap.
+        assert_eq!(r.touch(addr(1), t0), Touch::Refreshed);
+        assert_eq!(r.len(), 3);
+        // A leave and an expiry each free a place for that IP.
+        assert!(r.remove(addr(1)));
+        assert_eq!(r.touch(addr(3), t0), Touch::Joined);
+        let mut expired = Vec::new();
+        r.expire(t0 + Duration::from_secs(11), &mut expired);
+        assert_eq!(expired.len(), 3);
+        assert!(r.per_ip.is_empty());
     }
 }

@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::auth::Keys;
 use crate::error::{Error, Result};
 use crate::net;
-use crate::protocol::{self, Datagram};
-use crate::registry::{Clock, Member, Registry};
+use crate::protocol::{self, Datagram, Validated};
+use crate::ratelimit::RateLimiter;
+use crate::registry::{Clock, Limits, Member, Registry, Touch};
 use crate::throttle::{throttled, Throttle};
 use crate::worker::{lock, Stop, Workers};
 
@@ -47,9 +49,35 @@ pub struct ServerConfig {
     pub max_datagram: usize,
     /// Threads that share a large fan-out. One is right for 2 cores (see BENCHMARKS.md).
     pub fanout_threads: usize,
+    /// Clients registered at most, in all and per IP address.
+    pub limits: Limits,
+    /// Datagrams per second each source IP may send (bursts of one second's worth); None: any.
+    pub rate_limit: Option<f64>,
+    /// The kernel receive buffer to ask for (SO_RCVBUF), in bytes; None: the system default.
+    pub rcvbuf: Option<usize>,
+    /// Validated mode: a source registers only after proving it receives at its address, and
+    /// every datagram it sends after that carries its token.
+    pub validate: bool,
 }
 
 impl ServerConfig {
+    /// The tutorial's interval and this library's defaults for everything else.
+    pub const fn default_for(addr: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            addr,
+            interval: Duration::from_secs(10),
+            max_datagram: MAX_DATAGRAM,
+            fanout_threads: 1,
+            limits: Limits {
+                max_clients: 100_000,
+                max_per_ip: 1024,
+            },
+            rate_limit: None,
+            rcvbuf: None,
+            validate: false,
+        }
+    }
+
     /// How often silent clients are swept out: often enough that the table never lists one for
     /// long past its interval, rarely enough to cost nothing.
     fn sweep_period(&self) -> Duration {
@@ -57,26 +85,48 @@ impl ServerConfig {
     }
 }
 
-/// Counters, all monotonic but `clients`.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub received: u64,
-    pub broadcasts: u64,
-    pub deliveries: u64,
-    pub send_errors: u64,
-    pub dropped_oversize: u64,
-    pub expired: u64,
-    pub clients: u64,
+/// The server's counters by name, in a fixed order; all monotonic but `clients`.
+pub type Stats = Vec<(&'static str, u64)>;
+
+/// Declares the counters once: the struct of atomics and the names `stats()` reports them by.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        #[derive(Default)]
+        struct Counters {
+            $($(#[doc = $doc])* $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            fn snapshot(&self) -> Stats {
+                vec![$((stringify!($name), self.$name.load(Relaxed)),)*]
+            }
+        }
+    };
 }
 
-#[derive(Default)]
-struct Counters {
-    received: AtomicU64,
-    broadcasts: AtomicU64,
-    deliveries: AtomicU64,
-    send_errors: AtomicU64,
-    dropped_oversize: AtomicU64,
-    expired: AtomicU64,
+counters! {
+    /// Datagrams read from the socket.
+    received,
+    /// Messages relayed (each once, however many clients it went to).
+    broadcasts,
+    /// Datagrams sent to clients by broadcasts.
+    deliveries,
+    /// Deliveries that failed.
+    send_errors,
+    /// Longer than `max_datagram`.
+    dropped_oversize,
+    /// From a new client while `max_clients` or `max_per_ip` were reached.
+    dropped_over_cap,
+    /// Over a source's `rate_limit`.
+    dropped_rate_limited,
+    /// Validated mode: without a valid cookie or token.
+    dropped_unvalidated,
+    /// From port 0, or an unspecified, broadcast or multicast address: forged.
+    dropped_bad_source,
+    /// Validated mode: challenges sent.
+    challenges,
+    /// Clients dropped for silence.
+    expired,
 }
 
 struct Shared {
@@ -85,6 +135,8 @@ struct Shared {
     config: ServerConfig,
     registry: Mutex<Registry>,
     counters: Counters,
+    /// Validated mode's keys.
+    keys: Option<Keys>,
     /// Held for every fan-out, by whichever thread sends it: this is what keeps order.
     sending: Mutex<Sending>,
 }
@@ -153,13 +205,6 @@ impl Shared {
         self.counters.send_errors.fetch_add(sent.failed, Relaxed);
     }
 
-    fn touch(&self, from: SocketAddr, now: Instant) {
-        let joined = lock(&self.registry).touch(from, now);
-        if joined {
-            info!("{from} joined");
-        }
-    }
-
     /// Drops silent clients and logs them. The lock is released before logging: a log record
     /// may wait for the GIL, and a Python thread holding the GIL may be waiting for this lock.
     fn expire(&self, now: Instant, expired: &mut Vec<SocketAddr>) {
@@ -183,17 +228,22 @@ pub struct Server {
 impl Server {
     /// Binds and starts the receiver and fan-out threads.
     pub fn start(config: ServerConfig) -> Result<Server> {
-        let socket = net::bind(config.addr)
+        let socket = net::bind(config.addr, config.rcvbuf)
             .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
+        let keys = match config.validate {
+            true => Some(Keys::new().map_err(|e| Error::io("cannot make a secret key", e))?),
+            false => None,
+        };
         let local = socket
             .local_addr()
             .map_err(|e| Error::io("cannot read bound address", e))?;
         let shared = Arc::new(Shared {
             socket,
             local,
-            registry: Mutex::new(Registry::new(config.interval)),
+            registry: Mutex::new(Registry::new(config.interval, config.limits)),
             config,
             counters: Counters::default(),
+            keys,
             sending: Mutex::default(),
         });
         let workers = Workers::new()?;
@@ -212,7 +262,12 @@ impl Server {
                     stop: &stop,
                     fanout: &fanout,
                     job: Job::new(),
-                    oversize: Throttle::default(),
+                    limiter: shared.config.rate_limit.map(|rate| {
+                        let sources = shared.config.limits.max_clients.max(1024);
+                        (RateLimiter::new(rate, sources), Instant::now())
+                    }),
+                    reply: Vec::new(),
+                    warnings: Throttle::default(),
                     icmp: Throttle::default(),
                 };
                 net::receive_loop(&shared.socket, &mut inbox, &stop, &mut handler);
@@ -224,7 +279,15 @@ impl Server {
                 .workers
                 .spawn("udpchat-srv-tx", move || fan_out(&shared, &stop, &jobs))?;
         }
-        info!("serving on {local}, interval {:?}", shared.config.interval);
+        let mode = if shared.keys.is_some() {
+            "validated"
+        } else {
+            "open"
+        };
+        info!(
+            "serving on {local}, interval {:?}, {mode} mode",
+            shared.config.interval
+        );
         Ok(server)
     }
 
@@ -260,17 +323,16 @@ impl Server {
         Ok(())
     }
 
+    /// The counters, the kernel's count of datagrams it dropped for want of buffer space, and
+    /// the clients registered now.
     pub fn stats(&self) -> Stats {
-        let c = &self.shared.counters;
-        Stats {
-            received: c.received.load(Relaxed),
-            broadcasts: c.broadcasts.load(Relaxed),
-            deliveries: c.deliveries.load(Relaxed),
-            send_errors: c.send_errors.load(Relaxed),
-            dropped_oversize: c.dropped_oversize.load(Relaxed),
-            expired: c.expired.load(Relaxed),
-            clients: lock(&self.shared.registry).len() as u64,
-        }
+        let mut stats = self.shared.counters.snapshot();
+        stats.push((
+            "kernel_drops",
+            net::kernel_drops(&self.shared.socket).unwrap_or(0),
+        ));
+        stats.push(("clients", lock(&self.shared.registry).len() as u64));
+        stats
     }
 
     /// `Err` if a core thread panicked.
@@ -287,8 +349,16 @@ impl Server {
         // Both threads are gone, so nothing can follow the `end`.
         let shared = &self.shared;
         let mut ended = 0;
+        let mut end = Vec::new();
         for (addr, _) in self.clients() {
-            match net::send(&shared.socket, protocol::END, Some(addr), None) {
+            end.clear();
+            match &shared.keys {
+                Some(keys) => {
+                    protocol::write_keyed(&mut end, protocol::END_KEYED, &keys.token(addr))
+                }
+                None => end.extend_from_slice(protocol::END),
+            }
+            match net::send(&shared.socket, &end, Some(addr), None) {
                 Ok(()) => ended += 1,
                 Err(e) => debug!("cannot send end to {addr}: {e}"),
             }
@@ -307,43 +377,157 @@ struct Receive<'a> {
     stop: &'a Stop,
     fanout: &'a Sender<Job>,
     job: Job,
-    oversize: Throttle,
+    /// The per-source rate limiter and when it was last swept.
+    limiter: Option<(RateLimiter, Instant)>,
+    /// Validated mode's replies, built here.
+    reply: Vec<u8>,
+    warnings: Throttle,
     icmp: Throttle,
+}
+
+impl Receive<'_> {
+    /// A datagram in the open protocol (or the body of a tokened one).
+    fn open(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+        match protocol::classify(data) {
+            Datagram::Empty => {}
+            Datagram::Register | Datagram::Heartbeat => {
+                self.touch(from, now);
+            }
+            Datagram::Quit => {
+                if lock(&self.shared.registry).remove(from) {
+                    info!("{from} left");
+                }
+            }
+            Datagram::Message(payload) => {
+                // A source the table turns away is not relayed either.
+                if self.touch(from, now) {
+                    let mut datagram = Vec::new();
+                    protocol::write_ack(&mut datagram, from, payload);
+                    self.job.push(datagram);
+                }
+            }
+        }
+    }
+
+    /// Marks `from` alive, registering it if the limits allow; false if they did not.
+    fn touch(&mut self, from: SocketAddr, now: Instant) -> bool {
+        let touch = lock(&self.shared.registry).touch(from, now);
+        match touch {
+            Touch::Refreshed => true,
+            Touch::Joined => {
+                info!("{from} joined");
+                true
+            }
+            Touch::Full | Touch::IpFull => {
+                self.shared.counters.dropped_over_cap.fetch_add(1, Relaxed);
+                let limits = self.shared.config.limits;
+                let why = match touch {
+                    Touch::Full => format!("max_clients ({}) reached", limits.max_clients),
+                    _ => format!(
+                        "max_per_ip ({}) reached for {}",
+                        limits.max_per_ip,
+                        from.ip()
+                    ),
+                };
+                throttled!(self.warnings, warn, "refused {from}: {why}");
+                false
+            }
+        }
+    }
+
+    /// A datagram to a validated-mode server.
+    fn validated(&mut self, keys: &Keys, data: &[u8], from: SocketAddr, now: Instant) {
+        match protocol::classify_validated(data) {
+            Validated::Hello => self.challenge(keys, data.len(), from, now),
+            Validated::Answer(cookie) if keys.check_cookie(from, cookie, now) => {
+                if self.touch(from, now) {
+                    self.reply.clear();
+                    protocol::write_keyed(&mut self.reply, protocol::WELCOME, &keys.token(from));
+                    self.send_reply(from);
+                }
+            }
+            Validated::Tokened { token, body } if keys.check_token(from, token) => {
+                self.open(body, from, now)
+            }
+            _ => {
+                self.shared
+                    .counters
+                    .dropped_unvalidated
+                    .fetch_add(1, Relaxed);
+                // A client whose token is stale (the server restarted) learns so and registers
+                // again; the challenge is never longer than what came in.
+                self.challenge(keys, data.len(), from, now);
+            }
+        }
+    }
+
+    /// Sends a challenge, keeping no state, and only in reply to at least as many bytes.
+    fn challenge(&mut self, keys: &Keys, received: usize, from: SocketAddr, now: Instant) {
+        if received < protocol::CHALLENGE_LEN {
+            return;
+        }
+        self.reply.clear();
+        protocol::write_keyed(
+            &mut self.reply,
+            protocol::CHALLENGE,
+            &keys.cookie(from, now),
+        );
+        self.shared.counters.challenges.fetch_add(1, Relaxed);
+        self.send_reply(from);
+    }
+
+    fn send_reply(&mut self, to: SocketAddr) {
+        if let Err(e) = net::send(&self.shared.socket, &self.reply, Some(to), Some(self.stop)) {
+            self.shared.counters.send_errors.fetch_add(1, Relaxed);
+            throttled!(self.warnings, warn, "cannot answer {to}: {e}");
+        }
+    }
 }
 
 impl net::Handler for Receive<'_> {
     fn datagram(&mut self, data: &[u8], from: SocketAddr, cut: bool) {
         let shared = self.shared;
-        shared.counters.received.fetch_add(1, Relaxed);
+        let counters = &shared.counters;
+        counters.received.fetch_add(1, Relaxed);
+        if !protocol::is_valid_peer(from) {
+            counters.dropped_bad_source.fetch_add(1, Relaxed);
+            throttled!(
+                self.warnings,
+                warn,
+                "dropped a datagram from {from}: not an address to answer"
+            );
+            return;
+        }
+        let now = Instant::now();
+        if let Some((limiter, _)) = &mut self.limiter {
+            if !limiter.allow(from.ip(), now) {
+                counters.dropped_rate_limited.fetch_add(1, Relaxed);
+                return;
+            }
+        }
         if cut {
-            shared.counters.dropped_oversize.fetch_add(1, Relaxed);
+            counters.dropped_oversize.fetch_add(1, Relaxed);
             let max = shared.config.max_datagram;
             throttled!(
-                self.oversize,
+                self.warnings,
                 warn,
                 "dropped a datagram from {from}: more than {max} bytes"
             );
             return;
         }
-        let now = Instant::now();
-        match protocol::classify(data) {
-            Datagram::Empty => {}
-            Datagram::Register | Datagram::Heartbeat => shared.touch(from, now),
-            Datagram::Quit => {
-                if lock(&shared.registry).remove(from) {
-                    info!("{from} left");
-                }
-            }
-            Datagram::Message(payload) => {
-                shared.touch(from, now);
-                let mut datagram = Vec::new();
-                protocol::write_ack(&mut datagram, from, payload);
-                self.job.push(datagram);
-            }
+        match &shared.keys {
+            None => self.open(data, from, now),
+            Some(keys) => self.validated(keys, data, from, now),
         }
     }
 
     fn batch_done(&mut self) {
+        if let Some((limiter, swept)) = &mut self.limiter {
+            if swept.elapsed() >= Duration::from_secs(1) {
+                *swept = Instant::now();
+                limiter.sweep(*swept);
+            }
+        }
         if self.job.is_empty() {
             return;
         }
@@ -425,12 +609,19 @@ mod tests {
 
     fn server(max_datagram: usize) -> Server {
         Server::start(ServerConfig {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            interval: Duration::from_secs(10),
             max_datagram,
-            fanout_threads: 1,
+            ..ServerConfig::default_for("127.0.0.1:0".parse().unwrap())
         })
         .unwrap()
+    }
+
+    fn stat(server: &Server, name: &str) -> u64 {
+        server
+            .stats()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
     }
 
     #[test]
@@ -449,11 +640,8 @@ mod tests {
         assert!(!server.running());
         assert_eq!(recv(&a), b"end");
         assert_eq!(recv(&b), b"end");
-        let stats = server.stats();
-        assert_eq!(
-            (stats.received, stats.broadcasts, stats.deliveries),
-            (2, 1, 2)
-        );
+        let counts = ["received", "broadcasts", "deliveries"].map(|n| stat(&server, n));
+        assert_eq!(counts, [2, 1, 2]);
     }
 
     #[test]
@@ -466,7 +654,7 @@ mod tests {
         let mut expected = [b'y'; 101];
         expected[100] = b'\n';
         assert!(recv(&a).ends_with(&expected));
-        assert_eq!(server.stats().dropped_oversize, 1);
+        assert_eq!(stat(&server, "dropped_oversize"), 1);
         server.stop();
     }
 }

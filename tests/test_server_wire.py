@@ -174,7 +174,13 @@ def test_stats_count_what_happened(server: ChatServerUdp, make_peer: MakePeer) -
         "deliveries": 2,
         "send_errors": 0,
         "dropped_oversize": 0,
+        "dropped_over_cap": 0,
+        "dropped_rate_limited": 0,
+        "dropped_unvalidated": 0,
+        "dropped_bad_source": 0,
+        "challenges": 0,
         "expired": 0,
+        "kernel_drops": 0,
         "clients": 2,
     }
 

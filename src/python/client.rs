@@ -189,6 +189,24 @@ impl ChatClientUdp {
             .map(|c| py_addr(c.local_addr()))
     }
 
+    /// When the server was last heard from (any datagram), as a Unix timestamp; None if never.
+    #[getter]
+    fn last_heard(&self, py: Python<'_>) -> Option<f64> {
+        let heard = self.core.get(py)?.last_heard()?;
+        Some(
+            heard
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64(),
+        )
+    }
+
+    /// True once a validated-mode server has given this client its token.
+    #[getter]
+    fn validated(&self, py: Python<'_>) -> bool {
+        self.core.get(py).is_some_and(|c| c.validated())
+    }
+
     /// Messages dropped because they arrived while ``max_queue`` messages were waiting unread.
     #[getter]
     fn dropped(&self, py: Python<'_>) -> u64 {

@@ -55,6 +55,17 @@ fn parse_seconds(name: &str, seconds: f64) -> PyResult<Duration> {
     }
 }
 
+/// `value` if it lies in `lo..=hi`, else a ValueError naming the argument.
+fn in_range<T: PartialOrd + std::fmt::Display>(name: &str, value: T, lo: T, hi: T) -> PyResult<T> {
+    if lo <= value && value <= hi {
+        Ok(value)
+    } else {
+        Err(PyValueError::new_err(format!(
+            "{name} must be in {lo}..{hi}, got {value}"
+        )))
+    }
+}
+
 fn py_addr(addr: SocketAddr) -> (String, u16) {
     (addr.ip().to_string(), addr.port())
 }

@@ -1,11 +1,18 @@
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{IntoPyDict, PyDict};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
-use super::{parse_ip, parse_seconds, py_addr, to_py, Payload, Port, Slot};
+use super::{in_range, parse_ip, parse_seconds, py_addr, to_py, Payload, Port, Slot};
+
+/// The core's defaults, for the keyword arguments'.
+const DEFAULTS: ServerConfig = ServerConfig::default_for(SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+    9998,
+));
+use crate::registry::Limits;
 use crate::server::{Server, ServerConfig, Stats, MAX_DATAGRAM};
 use crate::worker::lock;
 
@@ -38,32 +45,48 @@ impl ChatServerUdp {
 impl ChatServerUdp {
     #[new]
     #[pyo3(
-        signature = (ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM, fanout_threads = 1),
-        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, fanout_threads=1)"
+        signature = (
+            ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM,
+            max_clients = DEFAULTS.limits.max_clients, max_per_ip = DEFAULTS.limits.max_per_ip,
+            rate_limit = None, rcvbuf = None, validate = false, fanout_threads = 1
+        ),
+        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, max_clients=100000, max_per_ip=1024, rate_limit=None, rcvbuf=None, validate=False, fanout_threads=1)"
     )]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn new(
         ip: &str,
         port: Port,
         interval: f64,
         max_datagram: usize,
+        max_clients: usize,
+        max_per_ip: usize,
+        rate_limit: Option<f64>,
+        rcvbuf: Option<usize>,
+        validate: bool,
         fanout_threads: usize,
     ) -> PyResult<Self> {
-        if !(1..=64).contains(&fanout_threads) {
-            return Err(PyValueError::new_err(format!(
-                "fanout_threads must be in 1..64, got {fanout_threads}"
-            )));
-        }
-        if !(1..=65_535).contains(&max_datagram) {
-            return Err(PyValueError::new_err(format!(
-                "max_datagram must be in 1..65535, got {max_datagram}"
-            )));
+        if let Some(rate) = rate_limit {
+            if !(rate.is_finite() && rate > 0.0) {
+                return Err(PyValueError::new_err(format!(
+                    "rate_limit must be a positive number of datagrams per second, got {rate}"
+                )));
+            }
         }
         Ok(ChatServerUdp {
             config: ServerConfig {
                 addr: SocketAddr::new(parse_ip(ip)?, port.0),
                 interval: parse_seconds("interval", interval)?,
-                max_datagram,
-                fanout_threads,
+                max_datagram: in_range("max_datagram", max_datagram, 1, 65_535)?,
+                fanout_threads: in_range("fanout_threads", fanout_threads, 1, 64)?,
+                limits: Limits {
+                    max_clients: in_range("max_clients", max_clients, 1, 100_000_000)?,
+                    max_per_ip: in_range("max_per_ip", max_per_ip, 1, 100_000_000)?,
+                },
+                rate_limit,
+                rcvbuf: rcvbuf
+                    .map(|b| in_range("rcvbuf", b, 1024, 1 << 30))
+                    .transpose()?,
+                validate,
             },
             ip: ip.to_owned(),
             interval,
@@ -104,22 +127,14 @@ impl ChatServerUdp {
         py.detach(|| core.broadcast(msg.as_bytes())).map_err(to_py)
     }
 
-    /// Counters since start: datagrams received, broadcasts, deliveries, send errors, datagrams
-    /// dropped for being longer than ``max_datagram``, clients expired, and clients registered now.
+    /// Counters since start (see the stub for each), the kernel's count of datagrams it dropped
+    /// for want of buffer space, and the clients registered now. They outlive ``stop()``.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = match self.core.get(py) {
+        let stats = match self.core.get(py) {
             Some(core) => core.stats(),
             None => lock(&self.final_stats).clone(),
         };
-        let dict = PyDict::new(py);
-        dict.set_item("received", s.received)?;
-        dict.set_item("broadcasts", s.broadcasts)?;
-        dict.set_item("deliveries", s.deliveries)?;
-        dict.set_item("send_errors", s.send_errors)?;
-        dict.set_item("dropped_oversize", s.dropped_oversize)?;
-        dict.set_item("expired", s.expired)?;
-        dict.set_item("clients", s.clients)?;
-        Ok(dict)
+        stats.into_py_dict(py)
     }
 
     /// ``{(ip, port): last_seen_unix_timestamp}`` of the live clients; empty when not running.
@@ -165,6 +180,12 @@ impl ChatServerUdp {
     #[getter]
     fn max_datagram(&self) -> usize {
         self.config.max_datagram
+    }
+
+    /// True in validated mode.
+    #[getter]
+    fn validate(&self) -> bool {
+        self.config.validate
     }
 
     /// True between ``start()`` and ``stop()``; False if a server thread died.

@@ -1,0 +1,98 @@
+//! Per-source token buckets: each IP address may send `rate` datagrams a second, in bursts of up
+//! to one second's worth. Used by the receiver thread alone, so no lock.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    /// Sources tracked at most; past it, a source not yet tracked is refused, so a flood from
+    /// spoofed addresses cannot grow the table without bound.
+    max_sources: usize,
+    buckets: HashMap<IpAddr, Bucket>,
+}
+
+impl RateLimiter {
+    pub fn new(rate: f64, max_sources: usize) -> RateLimiter {
+        RateLimiter {
+            rate,
+            burst: rate.max(1.0),
+            max_sources,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes a token for one datagram from `ip`; false if it has none left.
+    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_sources {
+            return false;
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let bucket = self.buckets.entry(ip).or_insert(Bucket {
+            tokens: burst,
+            last: now,
+        });
+        let refill = now.saturating_duration_since(bucket.last).as_secs_f64() * rate;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
+        bucket.last = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Forgets sources whose buckets have refilled: tracking them changes nothing.
+    pub fn sweep(&mut self, now: Instant) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets.retain(|_, b| {
+            b.tokens + now.saturating_duration_since(b.last).as_secs_f64() * rate < burst
+        });
+    }
+
+    #[cfg(test)]
+    fn sources(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "127.0.0.2".parse().unwrap();
+        let mut limiter = RateLimiter::new(10.0, 100);
+        let t0 = Instant::now();
+        let allowed = (0..30).filter(|_| limiter.allow(ip, t0)).count();
+        assert_eq!(allowed, 10); // one second's worth at once
+        assert!(limiter.allow(other, t0)); // sources are independent
+        assert!(!limiter.allow(ip, t0 + Duration::from_millis(50)));
+        assert!(limiter.allow(ip, t0 + Duration::from_millis(150)));
+        limiter.sweep(t0 + Duration::from_secs(5));
+        assert_eq!(limiter.sources(), 0);
+    }
+
+    #[test]
+    fn the_table_of_sources_is_bounded() {
+        let mut limiter = RateLimiter::new(1.0, 2);
+        let t0 = Instant::now();
+        assert!(limiter.allow("10.0.0.1".parse().unwrap(), t0));
+        assert!(limiter.allow("10.0.0.2".parse().unwrap(), t0));
+        assert!(!limiter.allow("10.0.0.3".parse().unwrap(), t0));
+        assert_eq!(limiter.sources(), 2);
+    }
+}
