@@ -47,10 +47,17 @@ struct Shared {
     dropped: AtomicU64,
     /// When the server was last heard from, in nanoseconds since the Unix epoch; 0: never.
     last_heard: AtomicU64,
-    /// Validated mode: this client's token, once the server has given one.
-    token: Mutex<Option<[u8; TOKEN_LEN]>>,
+    /// Validated mode: the token, and what was sent before it came. One lock for both, so a
+    /// message is either sent with the token or kept to be sent again when it comes.
+    validation: Mutex<Validation>,
+}
+
+#[derive(Default)]
+struct Validation {
+    /// This client's token, once a validated-mode server has given one.
+    token: Option<[u8; TOKEN_LEN]>,
     /// Messages sent before a token came, within `HANDSHAKE_GRACE` of start.
-    unsent: Mutex<Vec<Vec<u8>>>,
+    unsent: Vec<Vec<u8>>,
 }
 
 impl Shared {
@@ -58,7 +65,7 @@ impl Shared {
     /// padded before that (so a validated server may challenge them); messages as they are.
     fn frame(&self, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        if let Some(token) = *lock(&self.token) {
+        if let Some(token) = lock(&self.validation).token {
             out.extend_from_slice(&token);
             out.push(b' ');
             out.extend_from_slice(body);
@@ -86,10 +93,13 @@ impl Shared {
     /// Sends a chat message, keeping it for the handshake if it may have been dropped for want
     /// of a token.
     fn send_message(&self, body: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
-        if lock(&self.token).is_none() && self.started.elapsed() < HANDSHAKE_GRACE {
-            let mut unsent = lock(&self.unsent);
-            if unsent.len() < UNSENT_MAX {
-                unsent.push(body.to_vec());
+        {
+            let mut validation = lock(&self.validation);
+            if validation.token.is_none()
+                && self.started.elapsed() < HANDSHAKE_GRACE
+                && validation.unsent.len() < UNSENT_MAX
+            {
+                validation.unsent.push(body.to_vec());
             }
         }
         self.send(body, stop)
@@ -125,8 +135,7 @@ impl Client {
             ended: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
             last_heard: AtomicU64::new(0),
-            token: Mutex::new(None),
-            unsent: Mutex::new(Vec::new()),
+            validation: Mutex::default(),
         });
         shared
             .send(protocol::REG, None)
@@ -193,7 +202,7 @@ impl Client {
 
     /// Whether a validated-mode server has given this client its token.
     pub fn validated(&self) -> bool {
-        lock(&self.shared.token).is_some()
+        lock(&self.shared.validation).token.is_some()
     }
 
     /// `Err` if a core thread panicked.
@@ -238,7 +247,7 @@ struct Receive<'a> {
 impl Receive<'_> {
     /// `end`, or in validated mode `end {token}`: a forged plain `end` cannot close the client.
     fn is_end(&self, data: &[u8]) -> bool {
-        match *lock(&self.shared.token) {
+        match lock(&self.shared.validation).token {
             None => protocol::strip(data) == protocol::END,
             Some(token) => protocol::parse_keyed(data, protocol::END_KEYED) == Some(&token[..]),
         }
@@ -268,11 +277,18 @@ impl net::Handler for Receive<'_> {
         }
         if let Some(token) = protocol::parse_keyed(data, protocol::WELCOME) {
             let token: [u8; TOKEN_LEN] = token.try_into().expect("parse_keyed checks the length");
-            let first = lock(&shared.token).replace(token).is_none();
+            // Never log holding the lock: a Python thread may wait for it with the GIL held.
+            let (first, unsent) = {
+                let mut validation = lock(&shared.validation);
+                (
+                    validation.token.replace(token).is_none(),
+                    std::mem::take(&mut validation.unsent),
+                )
+            };
             if first {
                 info!("validated by the server at {from}");
             }
-            for body in std::mem::take(&mut *lock(&shared.unsent)) {
+            for body in unsent {
                 if let Err(e) = shared.send(&body, Some(self.stop)) {
                     warn!("cannot send a message again after validation: {e}");
                 }

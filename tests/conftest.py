@@ -112,3 +112,20 @@ def register(sock: socket.socket, server: ChatServerUdp) -> Addr:
     me: Addr = sock.getsockname()[:2]
     assert wait_until(lambda: me in server.clients), server.clients
     return me
+
+
+# Figures the fault and attack tests measure (amplification, false expiries, stop latency...):
+# printed at the end of every run, so CI's log carries them.
+FIGURES: list[str] = []
+
+
+@pytest.fixture
+def figure() -> Callable[[str], None]:
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("udpchat figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -39,6 +40,17 @@ def _parser() -> argparse.ArgumentParser:
         default=10.0,
         help="drop clients silent for this many seconds (default: %(default)s)",
     )
+    serve.add_argument(
+        "--validate",
+        action="store_true",
+        help="validated mode: clients prove their address before they are served",
+    )
+    serve.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="PER_SECOND",
+        help="datagrams per second each source IP may send (default: no limit)",
+    )
     chat = commands.add_parser("chat", help="join a chat server: type lines to send them")
     chat.add_argument("--ip", default="127.0.0.1", help="server address (default: %(default)s)")
     chat.add_argument("--port", type=int, default=9998, help="server port (default: %(default)s)")
@@ -55,13 +67,20 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def serve(ip: str, port: int, interval: float) -> int:
+def serve(ip: str, port: int, interval: float, validate: bool, rate_limit: float | None) -> int:
     """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    server = ChatServerUdp(ip, port, interval, validate=validate, rate_limit=rate_limit)
+    if not validate and not ipaddress.ip_address(ip).is_loopback:
+        logging.getLogger("udpchat").warning(
+            "serving %s without --validate: anyone who can reach it can register a forged "
+            "address and turn it into a flood against a third party",
+            ip,
+        )
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # An untimed wait is interruptible on POSIX: SIGINT and SIGTERM land in it, and leaving the
     # `with` sends `end` to every client.
-    with ChatServerUdp(ip, port, interval), contextlib.suppress(KeyboardInterrupt):
+    with server, contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
     return 0
 
@@ -136,9 +155,10 @@ def chat(ip: str, port: int, interval: float) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    run = serve if args.command == "serve" else chat
     try:
-        return run(args.ip, args.port, args.interval)
+        if args.command == "serve":
+            return serve(args.ip, args.port, args.interval, args.validate, args.rate_limit)
+        return chat(args.ip, args.port, args.interval)
     except ValueError as e:  # a bad --ip or --port, as the constructors judge it
         parser.error(str(e))
     except OSError as e:  # e.g. the port is in use

@@ -71,13 +71,29 @@ class ChatServerUdp:
         interval: float = 10.0,
         *,
         max_datagram: int = 65507,
+        max_clients: int = 100000,
+        max_per_ip: int = 1024,
+        rate_limit: float | None = None,
+        rcvbuf: int | None = None,
+        validate: bool = False,
         fanout_threads: int = 1,
     ) -> Self:
-        """Raises ValueError if ``ip`` is not an IP address, ``port`` is outside 0..65535,
-        ``interval`` is not a positive number of seconds, or ``max_datagram`` is outside 1..65535.
-        A datagram longer than ``max_datagram`` bytes is dropped and counted, never relayed cut.
-        ``fanout_threads`` (1..64) share a large fan-out between threads, by client; 1 suits
-        2 cores."""
+        """Raises ValueError for an ``ip`` that is not an IP address, a ``port`` outside
+        0..65535, an ``interval`` that is not a positive number of seconds, or an option out of
+        its range.
+
+        - ``max_datagram`` (1..65535): a longer datagram is dropped and counted, never relayed cut.
+        - ``max_clients``, ``max_per_ip``: registrations past either are refused and counted;
+          those already registered are not disturbed.
+        - ``rate_limit``: datagrams per second each source IP may send, in bursts of one
+          second's worth; the excess is dropped and counted. None (the default): no limit.
+        - ``rcvbuf``: the kernel receive buffer to ask for (SO_RCVBUF), in bytes.
+        - ``validate``: validated mode. A source registers only after proving it receives at
+          its address (a stateless cookie), and every datagram after that carries its token.
+          ``ChatClientUdp`` follows it automatically.
+        - ``fanout_threads`` (1..64): threads that share a large fan-out, by client; 1 suits
+          2 cores.
+        """
 
     def start(self) -> None:
         """Bind and start serving.
@@ -96,8 +112,16 @@ class ChatServerUdp:
         """
 
     def stats(self) -> dict[str, int]:
-        """Counters since start: ``received``, ``broadcasts``, ``deliveries``, ``send_errors``,
-        ``dropped_oversize``, ``expired``, and ``clients`` registered now."""
+        """Counters since start; they outlive ``stop()``.
+
+        ``received`` datagrams, ``broadcasts`` (messages relayed), ``deliveries`` (datagrams
+        sent for them), ``send_errors``; datagrams dropped: ``dropped_oversize``,
+        ``dropped_over_cap`` (a new client past ``max_clients`` / ``max_per_ip``),
+        ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: no valid cookie or
+        token), ``dropped_bad_source`` (port 0, unspecified, broadcast or multicast source);
+        ``challenges`` sent (validated mode), ``expired`` clients, ``kernel_drops`` (datagrams
+        the kernel dropped for want of receive buffer), and ``clients`` registered now.
+        """
 
     @property
     def clients(self) -> dict[tuple[str, int], float]:
@@ -115,6 +139,8 @@ class ChatServerUdp:
     def interval(self) -> float: ...
     @property
     def max_datagram(self) -> int: ...
+    @property
+    def validate(self) -> bool: ...
     @property
     def running(self) -> bool:
         """True between ``start()`` and ``stop()``; False if a server thread died."""
@@ -188,6 +214,19 @@ class ChatClientUdp:
     @property
     def dropped(self) -> int:
         """Messages dropped because ``max_queue`` were already waiting unread."""
+
+    @property
+    def last_heard(self) -> float | None:
+        """When the server last sent anything, as a Unix timestamp; None if it never has.
+
+        A server that is gone without ``end`` shows here as silence (and in the log as
+        ``server unreachable``); the client keeps heartbeating, and is registered again when
+        the server comes back.
+        """
+
+    @property
+    def validated(self) -> bool:
+        """True once a validated-mode server has given this client its token."""
 
     @property
     def ip(self) -> str: ...
