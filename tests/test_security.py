@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ack, assert_silent, recv, register, wait_until
-
+from conftest import ack, recv, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
 
 MakePeer = Callable[..., socket.socket]
