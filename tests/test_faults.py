@@ -1,0 +1,325 @@
+"""Faults: a killed client, expiry timing, a lossy network, floods, stop under load."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from conftest import fd_count, register, thread_count, wait_until
+from udpchat import ChatClientUdp, ChatServerUdp
+
+MakePeer = Callable[..., socket.socket]
+MakeServer = Callable[..., ChatServerUdp]
+Figure = Callable[[str], None]
+
+
+def big_buffer(sock: socket.socket) -> socket.socket:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    return sock
+
+
+def drain(sock: socket.socket, quiet: float = 0.2) -> list[bytes]:
+    """Everything that arrives until `quiet` seconds pass without a datagram."""
+    got = []
+    sock.settimeout(quiet)
+    try:
+        while True:
+            got.append(sock.recv(70_000))
+    except TimeoutError:
+        return got
+
+
+def test_a_killed_client_costs_the_others_nothing_and_expires_on_time(
+    make_server: MakeServer, make_peer: MakePeer
+) -> None:
+    interval = 1.0
+    server = make_server(interval=interval)
+    listeners = [big_buffer(make_peer()) for _ in range(3)]
+    for p in listeners:
+        register(p, server)
+    victim = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from udpchat import ChatClientUdp
+                client = ChatClientUdp(*{server.address!r}, interval=0.2)
+                client.start()
+                print("%s %d" % client.address, flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert victim.stdout is not None
+        ip, port = victim.stdout.readline().split()
+        victim_addr = (ip, int(port))
+        assert wait_until(lambda: victim_addr in server.clients)
+        talker = listeners[0]
+        killed_at = 0.0
+        for i in range(1000):
+            talker.sendto(b"m%d" % i, server.address)
+            if i == 300:
+                victim.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+            if i % 50 == 0:
+                time.sleep(0.005)
+        for p in listeners:
+            got = [d for d in drain(p) if b"\nm" in d]
+            assert len(got) == 1000
+        assert wait_until(lambda: victim_addr not in server.clients, timeout=interval + 1)
+        # Its last heartbeat was at most 0.2 s before the kill.
+        gone = time.monotonic() - killed_at
+        assert gone <= interval + 0.5, gone
+        assert wait_until(lambda: server.stats()["expired"] == 1)
+    finally:
+        victim.kill()
+        victim.wait(5)
+
+
+def test_expiry_timing_at_one_second(
+    make_server: MakeServer, make_peer: MakePeer, figure: Figure
+) -> None:
+    server = make_server(interval=1.0)
+    silent = make_peer()
+    me = silent.getsockname()
+    t0 = time.monotonic()  # before the server can have heard it: its silence starts later
+    silent.sendto(b"reg", server.address)
+    assert wait_until(lambda: me in server.clients)
+    # `clients` leaves it out from the moment its silence passes the interval...
+    assert wait_until(lambda: me not in server.clients, timeout=2, step=0.005)
+    listed_for = time.monotonic() - t0
+    # ...and the sweep (every 250 ms at this interval) removes it from the table.
+    assert wait_until(lambda: server.stats()["expired"] == 1, timeout=2, step=0.005)
+    swept_after = time.monotonic() - t0
+    figure(
+        f"silent client, interval 1 s: unlisted after {listed_for:.3f} s, "
+        f"swept after {swept_after:.3f} s"
+    )
+    assert 1.0 <= listed_for <= 1.05
+    assert 1.0 <= swept_after <= 1.0 + 0.25 + 0.05
+
+
+@pytest.mark.timeout(150)
+def test_a_client_heartbeating_every_third_of_the_interval_survives_100_intervals(
+    make_server: MakeServer,
+) -> None:
+    interval = 1.0
+    server = make_server(interval=interval)
+    with ChatClientUdp(*server.address, interval=interval / 3) as client:
+        assert wait_until(lambda: client.address in server.clients)
+        deadline = time.monotonic() + 100 * interval
+        while time.monotonic() < deadline:
+            assert client.address in server.clients
+            time.sleep(0.25)
+    assert server.stats()["expired"] == 0
+
+
+class LossyRelay:
+    """A user-space stand-in for `tc netem`: clients talk to the relay, which talks to the server
+    from one socket per client (as a NAT does), dropping, duplicating and reordering datagrams
+    in both directions with a seeded random generator."""
+
+    def __init__(self, server: tuple[str, int], drop: float, dup: float, reorder: float, seed: int):
+        self.server, self.drop, self.dup, self.reorder = server, drop, dup, reorder
+        self.rng = random.Random(seed)
+        self.front = socket.socket(type=socket.SOCK_DGRAM)
+        self.front.bind(("127.0.0.1", 0))
+        self.address = self.front.getsockname()
+        self.upstream: dict[tuple[str, int], socket.socket] = {}
+        self.held: dict[int, tuple[socket.socket, bytes, tuple[str, int]]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _forward(self, out: socket.socket, data: bytes, to: tuple[str, int]) -> None:
+        """Sends with the faults applied; a reordered datagram waits for the next one."""
+        key = out.fileno()
+        if self.rng.random() < self.drop:
+            return
+        if self.rng.random() < self.reorder and key not in self.held:
+            self.held[key] = (out, data, to)
+            return
+        copies = 2 if self.rng.random() < self.dup else 1
+        for _ in range(copies):
+            out.sendto(data, to)
+        if key in self.held:
+            h_out, h_data, h_to = self.held.pop(key)
+            h_out.sendto(h_data, h_to)
+
+    def _run(self) -> None:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.front, selectors.EVENT_READ, None)
+        while not self.stop.is_set():
+            for key, _ in sel.select(0.05):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                data, source = sock.recvfrom(70_000)
+                if key.data is None:  # from a client: to the server, through its own socket
+                    up = self.upstream.get(source)
+                    if up is None:
+                        up = socket.socket(type=socket.SOCK_DGRAM)
+                        up.bind(("127.0.0.1", 0))
+                        self.upstream[source] = up
+                        sel.register(up, selectors.EVENT_READ, source)
+                    self._forward(up, data, self.server)
+                else:  # from the server: back to the client it belongs to
+                    self._forward(self.front, data, key.data)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for s in [self.front, *self.upstream.values()]:
+            s.close()
+
+
+@pytest.mark.parametrize("drop", [0.10, 0.30])
+def test_loss_expires_live_clients_no_more_than_predicted(
+    make_server: MakeServer, figure: Figure, drop: float
+) -> None:
+    # 3.5 heartbeats per interval: only three lost in a row leave a gap longer than the interval.
+    interval, heartbeat, clients, intervals = 0.35, 0.1, 10, 30
+    dup, reorder = 0.05, 0.25
+    server = make_server(interval=interval)
+    relay = LossyRelay(server.address, drop, dup, reorder, seed=int(drop * 100))
+    try:
+        running = [ChatClientUdp(*relay.address, interval=heartbeat) for _ in range(clients)]
+        for c in running:
+            c.start()
+        time.sleep(intervals * interval)
+        for c in running:
+            c.stop()
+        expired = server.stats()["expired"]
+    finally:
+        relay.close()
+    heartbeats = clients * intervals * interval / heartbeat
+    # A false expiry needs three heartbeats lost in a row. A reordered one arrives a heartbeat
+    # late, which counts against the gap like a loss, so it bounds the rate from above.
+    predicted = heartbeats * drop**3
+    bound = heartbeats * (drop + (1 - drop) * reorder) ** 3
+    figure(
+        f"lossy relay, drop {drop:.0%} dup {dup:.0%} reorder {reorder:.0%}: {expired} false "
+        f"expiries in {heartbeats:.0f} heartbeats; predicted {predicted:.1f} from loss, "
+        f"{bound:.1f} counting reordering as loss"
+    )
+    # Registrations that were themselves lost can only lower the count; +3 absorbs the noise
+    # of a few dozen events.
+    assert expired <= 1.5 * bound + 3
+
+
+def test_a_flood_is_read_or_counted_and_the_server_answers_after(
+    make_server: MakeServer, make_peer: MakePeer, figure: Figure
+) -> None:
+    server = make_server()
+    listeners = [make_peer() for _ in range(50)]
+    for p in listeners:
+        p.sendto(b"reg", server.address)
+    assert wait_until(lambda: len(server.clients) == 50)
+    flood = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import socket, threading
+                def send():
+                    s = socket.socket(type=socket.SOCK_DGRAM)
+                    data = b"flood " + b"x" * 58
+                    for _ in range(100_000):
+                        s.sendto(data, {server.address!r})
+                threads = [threading.Thread(target=send) for _ in range(8)]
+                for t in threads: t.start()
+                for t in threads: t.join()
+                """
+            ),
+        ],
+        timeout=120,
+    )
+    assert flood.returncode == 0
+    sent = 50 + 8 * 100_000
+
+    def settled() -> bool:
+        s = server.stats()
+        return s["received"] + s["kernel_drops"] == sent
+
+    assert wait_until(settled, timeout=30)
+    # Let the fan-out finish what it accepted, then time a round trip.
+    last = -1
+    while (now := server.stats()["deliveries"]) != last:
+        last = now
+        time.sleep(0.2)
+    probe = make_peer()
+    t0 = time.perf_counter()
+    probe.sendto(b"probe", server.address)
+    assert probe.recv(200).endswith(b"\nprobe\n")
+    rtt = time.perf_counter() - t0
+    stats = server.stats()
+    figure(
+        f"flood of 8 x 100,000 with 50 clients: {stats['received']:,} read, "
+        f"{stats['kernel_drops']:,} dropped by the kernel, {stats['broadcasts']:,} relayed; "
+        f"probe round trip after: {rtt * 1000:.1f} ms"
+    )
+    assert rtt < 0.1
+
+
+@pytest.mark.timeout(120)
+def test_stop_is_fast_exact_and_clean_over_100_cycles(make_peer: MakePeer, figure: Figure) -> None:
+    with ChatServerUdp(port=0) as first:  # a port to reuse, and warm-up for the counts below
+        ip, port = first.address
+    threads, fds = thread_count(), fd_count()
+    clients = [big_buffer(make_peer()) for _ in range(3)]
+    flooder = big_buffer(make_peer())
+    latencies = {"idle": [], "flooded": []}
+    for cycle in range(100):
+        flooded = cycle % 2 == 1
+        server = ChatServerUdp(ip, port)
+        server.start()  # binds the same port again at once
+        for c in clients:
+            register(c, server)
+        stop_flood = threading.Event()
+        if flooded:
+            register(flooder, server)
+
+            def flood(stop: threading.Event) -> None:
+                while not stop.is_set():
+                    flooder.sendto(b"flood", (ip, port))
+
+            sender = threading.Thread(target=flood, args=(stop_flood,))
+            sender.start()
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        server.stop()
+        latencies["flooded" if flooded else "idle"].append(time.perf_counter() - t0)
+        if flooded:
+            stop_flood.set()
+            sender.join()
+        for c in clients + ([flooder] if flooded else []):
+            got = drain(c, 0.05)
+            assert got.count(b"end") == 1, (cycle, got[-3:])
+            assert got[-1] == b"end"  # nothing after it
+    for kind, values in latencies.items():
+        values.sort()
+        figure(
+            f"stop() {kind}, 50 cycles: p50 {statistics.median(values) * 1000:.2f} ms, "
+            f"p99 {statistics.quantiles(values, n=100)[98] * 1000:.2f} ms, "
+            f"max {values[-1] * 1000:.2f} ms"
+        )
+        assert values[-1] < 0.1
+    assert wait_until(lambda: thread_count() == threads), (thread_count(), threads)
+    assert fd_count() == fds + 4  # the four sockets of this test
