@@ -64,6 +64,15 @@ def test_a_killed_client_costs_the_others_nothing_and_expires_on_time(
         stdout=subprocess.PIPE,
         text=True,
     )
+    alive = threading.Event()
+
+    def heartbeats() -> None:  # the listeners are live clients too
+        while not alive.wait(0.2):
+            for p in listeners:
+                p.sendto(b"^hb^", server.address)
+
+    keeper = threading.Thread(target=heartbeats)
+    keeper.start()
     try:
         assert victim.stdout is not None
         ip, port = victim.stdout.readline().split()
@@ -86,7 +95,10 @@ def test_a_killed_client_costs_the_others_nothing_and_expires_on_time(
         gone = time.monotonic() - killed_at
         assert gone <= interval + 0.5, gone
         assert wait_until(lambda: server.stats()["expired"] == 1)
+        assert len(server.clients) == 3
     finally:
+        alive.set()
+        keeper.join()
         victim.kill()
         victim.wait(5)
 

@@ -1,5 +1,5 @@
 use crossbeam_channel::RecvTimeoutError;
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,37 +101,23 @@ impl ChatClientUdp {
     /// Registers with the server (``reg``) and starts the heartbeat and receiver threads.
     /// Raises OSError if no socket can be opened, RuntimeError if already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        if self.core.get(py).is_some_and(|c| c.running()) {
-            return Err(PyRuntimeError::new_err("client is already running"));
-        }
         let config = self.config.clone();
-        let core = py.detach(|| Client::start(config)).map_err(to_py)?;
-        if let Some(old) = self.core.replace(py, core) {
-            // Closed by the server's `end`, or a thread panicked: its threads still need joining.
-            py.detach(|| old.stop());
-        }
-        Ok(())
+        self.core.start(py, || Client::start(config))
     }
 
     /// Sends ``quit``, ends all threads and closes the socket. Idempotent. Raises RuntimeError if a
     /// client thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        if let Some(core) = self.core.take(py) {
-            py.detach(|| core.stop());
-            self.final_dropped.store(core.dropped(), Ordering::Relaxed);
-            core.failure().map_err(to_py)?;
-        }
-        Ok(())
+        self.core.stop(py, |core| {
+            self.final_dropped.store(core.dropped(), Ordering::Relaxed)
+        })
     }
 
     /// Sends ``msg`` (str as UTF-8, or bytes) to the server. The default, ``'quit'``, is the
     /// tutorial's: the server forgets this client, until its next heartbeat registers it again.
     #[pyo3(signature = (msg = Payload::Text("quit".to_owned())), text_signature = "($self, /, msg='quit')")]
     fn send(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
-        let core = self
-            .core
-            .get(py)
-            .ok_or_else(|| PyRuntimeError::new_err("client is not running"))?;
+        let core = self.core.running_core(py)?;
         py.detach(|| core.send(msg.as_bytes())).map_err(to_py)
     }
 
@@ -234,7 +220,7 @@ impl ChatClientUdp {
     /// True between ``start()`` and ``stop()``, unless the server ended the chat or a client thread died.
     #[getter]
     fn running(&self, py: Python<'_>) -> bool {
-        self.core.get(py).is_some_and(|c| c.running())
+        self.core.running(py)
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::sync::MutexExt;
 use pyo3::types::PyInt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::error::Error;
@@ -86,34 +86,114 @@ impl Payload {
     }
 }
 
+/// What the Python classes need of a core: the server and the client alike.
+trait Core: Send + Sync + 'static {
+    /// "server" or "client", for messages.
+    const NAME: &'static str;
+    fn running(&self) -> bool;
+    /// Ends the threads; blocks, so call it with the GIL released.
+    fn stop(&self);
+    fn failure(&self) -> crate::error::Result<()>;
+}
+
+impl Core for crate::server::Server {
+    const NAME: &'static str = "server";
+    fn running(&self) -> bool {
+        self.running()
+    }
+    fn stop(&self) {
+        self.stop()
+    }
+    fn failure(&self) -> crate::error::Result<()> {
+        self.failure()
+    }
+}
+
+impl Core for crate::client::Client {
+    const NAME: &'static str = "client";
+    fn running(&self) -> bool {
+        self.running()
+    }
+    fn stop(&self) {
+        self.stop()
+    }
+    fn failure(&self) -> crate::error::Result<()> {
+        self.failure()
+    }
+}
+
 /// The running core of a Python object. The mutex is held only to read or swap the `Arc`, and is
 /// taken with the GIL released while waiting, so it can never take part in a GIL deadlock.
-struct Slot<T>(Mutex<Option<std::sync::Arc<T>>>);
+struct Slot<T>(Mutex<Option<Arc<T>>>);
 
-impl<T> Slot<T> {
+impl<T: Core> Slot<T> {
     fn new() -> Self {
         Slot(Mutex::new(None))
     }
 
-    fn get(&self, py: Python<'_>) -> Option<std::sync::Arc<T>> {
+    fn get(&self, py: Python<'_>) -> Option<Arc<T>> {
         self.0
             .lock_py_attached(py)
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
 
-    fn take(&self, py: Python<'_>) -> Option<std::sync::Arc<T>> {
-        self.0
-            .lock_py_attached(py)
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+    fn running(&self, py: Python<'_>) -> bool {
+        self.get(py).is_some_and(|c| c.running())
     }
 
-    fn replace(&self, py: Python<'_>, value: T) -> Option<std::sync::Arc<T>> {
-        self.0
+    /// The core if it is running; else RuntimeError, with the panic if a thread died.
+    fn running_core(&self, py: Python<'_>) -> PyResult<Arc<T>> {
+        match self.get(py) {
+            Some(core) if core.running() => return Ok(core),
+            Some(core) => core.failure().map_err(to_py)?,
+            None => {}
+        }
+        Err(PyRuntimeError::new_err(format!(
+            "{} is not running",
+            T::NAME
+        )))
+    }
+
+    /// Starts a new core with the GIL released; RuntimeError if one is running.
+    fn start(
+        &self,
+        py: Python<'_>,
+        start: impl FnOnce() -> crate::error::Result<T> + Send,
+    ) -> PyResult<()> {
+        if self.running(py) {
+            return Err(PyRuntimeError::new_err(format!(
+                "{} is already running",
+                T::NAME
+            )));
+        }
+        let core = Arc::new(py.detach(start).map_err(to_py)?);
+        let old = self
+            .0
             .lock_py_attached(py)
             .unwrap_or_else(PoisonError::into_inner)
-            .replace(std::sync::Arc::new(value))
+            .replace(core);
+        if let Some(old) = old {
+            // One that ended by itself (the server's `end`, a panic) still has threads to join.
+            py.detach(|| old.stop());
+        }
+        Ok(())
+    }
+
+    /// Stops and takes out the core, if any: its socket closes once the last reference goes.
+    /// RuntimeError if one of its threads had panicked.
+    fn stop(&self, py: Python<'_>, keep: impl FnOnce(&T)) -> PyResult<()> {
+        let core = self
+            .0
+            .lock_py_attached(py)
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(core) = core {
+            py.detach(|| core.stop());
+            keep(&core);
+            core.failure().map_err(to_py)?;
+        }
+        Ok(())
     }
 }
 

@@ -1,4 +1,4 @@
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict};
 use std::net::SocketAddr;
@@ -26,19 +26,6 @@ pub struct ChatServerUdp {
     core: Slot<Server>,
     /// The counters of the last server stopped, whose socket is closed.
     final_stats: Mutex<Stats>,
-}
-
-impl ChatServerUdp {
-    fn running_core(&self, py: Python<'_>) -> PyResult<std::sync::Arc<Server>> {
-        match self.core.get(py) {
-            Some(core) if core.running() => Ok(core),
-            Some(core) => Err(core
-                .failure()
-                .err()
-                .map_or_else(|| PyRuntimeError::new_err("server is not running"), to_py)),
-            None => Err(PyRuntimeError::new_err("server is not running")),
-        }
-    }
 }
 
 #[pymethods]
@@ -98,32 +85,20 @@ impl ChatServerUdp {
     /// Binds and starts serving. Raises OSError if the address cannot be bound, RuntimeError if
     /// the server is already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
-        if self.core.get(py).is_some_and(|c| c.running()) {
-            return Err(PyRuntimeError::new_err("server is already running"));
-        }
         let config = self.config.clone();
-        let core = py.detach(|| Server::start(config)).map_err(to_py)?;
-        if let Some(old) = self.core.replace(py, core) {
-            // A server that stopped itself (a thread panicked) still has threads to join.
-            py.detach(|| old.stop());
-        }
-        Ok(())
+        self.core.start(py, || Server::start(config))
     }
 
     /// Sends ``end`` to every live client, ends all threads and closes the socket. Idempotent.
     /// Raises RuntimeError if a server thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        if let Some(core) = self.core.take(py) {
-            py.detach(|| core.stop());
-            *lock(&self.final_stats) = core.stats();
-            core.failure().map_err(to_py)?;
-        }
-        Ok(())
+        self.core
+            .stop(py, |core| *lock(&self.final_stats) = core.stats())
     }
 
     /// Sends ``msg`` to every live client, as a message from the server's own address.
     fn broadcast(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
-        let core = self.running_core(py)?;
+        let core = self.core.running_core(py)?;
         py.detach(|| core.broadcast(msg.as_bytes())).map_err(to_py)
     }
 
@@ -191,7 +166,7 @@ impl ChatServerUdp {
     /// True between ``start()`` and ``stop()``; False if a server thread died.
     #[getter]
     fn running(&self, py: Python<'_>) -> bool {
-        self.core.get(py).is_some_and(|c| c.running())
+        self.core.running(py)
     }
 
     fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
