@@ -346,10 +346,10 @@ fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
 fn blast(listen: SocketAddr, count: u64, size: usize) {
     let socket = UdpSocket::bind(listen).expect("bind");
     println!("{}", socket.local_addr().unwrap());
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 128];
     let client = loop {
         let (n, from) = socket.recv_from(&mut buf).expect("recv");
-        if &buf[..n] == b"reg" {
+        if buf[..n].trim_ascii() == b"reg" {
             break socket2::SockAddr::from(from);
         }
     };
