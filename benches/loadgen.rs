@@ -272,9 +272,10 @@ fn recv_stamped(fd: i32, buf: &mut [u8]) -> Option<(usize, u64)> {
 
 fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
     let sockets = clients(server, n);
-    // The first ten clients take turns to send; each times its own copy of what it sent.
+    // The first ten clients take turns to send; each times its own copy of what it sent, and
+    // every client times every copy it gets (the latency all recipients see).
     let chatters = 10.min(n);
-    for s in &sockets[..chatters] {
+    for s in &sockets {
         let on: libc::c_int = 1;
         // SAFETY: setsockopt with a valid int option value.
         unsafe {
@@ -288,7 +289,6 @@ fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
         }
     }
     let epoll = Epoll::new(&sockets);
-    let mut reader = Reader::new();
     let mut buf = [0u8; BUF];
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let start = Instant::now();
@@ -297,6 +297,7 @@ fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
     let mut sent = 0u64;
     let mut pending: HashSet<u64> = HashSet::new();
     let mut rtts: Vec<u64> = Vec::with_capacity(total as usize);
+    let mut all: Vec<u64> = Vec::with_capacity(total as usize * n);
     let deadline = Duration::from_secs_f64(seconds) + Duration::from_secs(1);
     while start.elapsed() < deadline && (sent < total || !pending.is_empty()) {
         if sent < total && start.elapsed() >= period * sent as u32 {
@@ -309,12 +310,9 @@ fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
         for ev in &events[..ready] {
             let i = ev.u64 as usize;
             let fd = sockets[i].as_raw_fd();
-            if i >= chatters {
-                reader.drain(fd, |_| {});
-                continue;
-            }
             while let Some((len, arrived)) = recv_stamped(fd, &mut buf) {
                 if let Some((seq, t)) = parse(&buf[..len]) {
+                    all.push(arrived.saturating_sub(t));
                     if seq % chatters as u64 == i as u64 && pending.remove(&seq) {
                         rtts.push(arrived.saturating_sub(t));
                     }
@@ -326,18 +324,22 @@ fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
         }
     }
     rtts.sort_unstable();
-    let pct = |p: f64| {
-        rtts.get(((rtts.len() as f64 * p) as usize).min(rtts.len().saturating_sub(1)))
+    all.sort_unstable();
+    let pct = |v: &[u64], p: f64| {
+        v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
             .copied()
             .unwrap_or(0) as f64
             / 1e3
     };
     println!(
-        "{{\"p50_us\": {:.1}, \"p99_us\": {:.1}, \"max_us\": {:.1}, \"answered\": {}, \"sent\": {sent}}}",
-        pct(0.5),
-        pct(0.99),
+        "{{\"p50_us\": {:.1}, \"p99_us\": {:.1}, \"max_us\": {:.1}, \"answered\": {}, \"sent\": {sent}, \"all_p50_us\": {:.1}, \"all_p99_us\": {:.1}, \"copies\": {}}}",
+        pct(&rtts, 0.5),
+        pct(&rtts, 0.99),
         rtts.last().copied().unwrap_or(0) as f64 / 1e3,
-        rtts.len()
+        rtts.len(),
+        pct(&all, 0.5),
+        pct(&all, 0.99),
+        all.len()
     );
 }
 
