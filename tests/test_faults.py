@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import signal
 import socket
@@ -329,7 +330,7 @@ def test_stop_is_fast_exact_and_clean_over_100_cycles(make_peer: MakePeer, figur
         values.sort()
         figure(
             f"stop() {kind}, 50 cycles: p50 {statistics.median(values) * 1000:.2f} ms, "
-            f"p99 {statistics.quantiles(values, n=100)[98] * 1000:.2f} ms, "
+            f"p99 {values[math.ceil(0.99 * len(values)) - 1] * 1000:.2f} ms, "
             f"max {values[-1] * 1000:.2f} ms"
         )
         assert values[-1] < 0.1
