@@ -119,8 +119,10 @@ counters! {
     dropped_over_cap,
     /// Over a source's `rate_limit`.
     dropped_rate_limited,
-    /// Validated mode: without a valid cookie or token.
+    /// Validated mode: a cookie or token that is not valid for its source.
     dropped_unvalidated,
+    /// Validated mode: neither a handshake step nor a tokened datagram.
+    dropped_malformed,
     /// From port 0, or an unspecified, broadcast or multicast address: forged.
     dropped_bad_source,
     /// Validated mode: challenges sent.
@@ -449,11 +451,13 @@ impl Receive<'_> {
             Validated::Tokened { token, body } if keys.check_token(from, token) => {
                 self.open(body, from, now)
             }
-            _ => {
-                self.shared
-                    .counters
-                    .dropped_unvalidated
-                    .fetch_add(1, Relaxed);
+            other => {
+                let counters = &self.shared.counters;
+                let counter = match other {
+                    Validated::Other => &counters.dropped_malformed,
+                    _ => &counters.dropped_unvalidated,
+                };
+                counter.fetch_add(1, Relaxed);
                 // A client whose token is stale (the server restarted) learns so and registers
                 // again; the challenge is never longer than what came in.
                 self.challenge(keys, data.len(), from, now);

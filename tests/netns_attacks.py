@@ -93,6 +93,7 @@ def forged_control() -> dict[str, object]:
             "client_still_served": echoed is not None and echoed.text == "after the forgeries",
             "stranger_registered": stranger in server.clients,
             "dropped_unvalidated": server.stats()["dropped_unvalidated"],
+            "dropped_malformed": server.stats()["dropped_malformed"],
         }
 
 

@@ -177,6 +177,7 @@ def test_stats_count_what_happened(server: ChatServerUdp, make_peer: MakePeer) -
         "dropped_over_cap": 0,
         "dropped_rate_limited": 0,
         "dropped_unvalidated": 0,
+        "dropped_malformed": 0,
         "dropped_bad_source": 0,
         "challenges": 0,
         "expired": 0,

@@ -117,8 +117,9 @@ class ChatServerUdp:
         ``received`` datagrams, ``broadcasts`` (messages relayed), ``deliveries`` (datagrams
         sent for them), ``send_errors``; datagrams dropped: ``dropped_oversize``,
         ``dropped_over_cap`` (a new client past ``max_clients`` / ``max_per_ip``),
-        ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: no valid cookie or
-        token), ``dropped_bad_source`` (port 0, unspecified, broadcast or multicast source);
+        ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: a cookie or token
+        not valid for its source), ``dropped_malformed`` (validated mode: neither a handshake
+        step nor a tokened datagram), ``dropped_bad_source`` (port 0, unspecified, broadcast or multicast source);
         ``challenges`` sent (validated mode), ``expired`` clients, ``kernel_drops`` (datagrams
         the kernel dropped for want of receive buffer), and ``clients`` registered now.
         """
