@@ -119,9 +119,10 @@ class ChatServerUdp:
         ``dropped_over_cap`` (a new client past ``max_clients`` / ``max_per_ip``),
         ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: a cookie or token
         not valid for its source), ``dropped_malformed`` (validated mode: neither a handshake
-        step nor a tokened datagram), ``dropped_bad_source`` (port 0, unspecified, broadcast or multicast source);
-        ``challenges`` sent (validated mode), ``expired`` clients, ``kernel_drops`` (datagrams
-        the kernel dropped for want of receive buffer), and ``clients`` registered now.
+        step nor a tokened datagram), ``dropped_bad_source`` (port 0, unspecified, broadcast or
+        multicast source); ``challenges`` sent (validated mode), ``expired`` clients,
+        ``kernel_drops`` (datagrams the kernel dropped for want of receive buffer), and
+        ``clients`` registered now.
         """
 
     @property
