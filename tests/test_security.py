@@ -107,20 +107,37 @@ def test_validated_clients_chat_and_lose_nothing_to_the_handshake(
 def test_a_validated_client_registers_again_with_a_restarted_server(
     make_client: MakeClient,
 ) -> None:
-    first = ChatServerUdp(port=0, validate=True, interval=1.0)
-    first.start()
-    address = first.address
-    client = make_client(address, interval=0.1)
-    assert wait_until(lambda: client.validated)
-    # The server dies without `end`: simulate it by stopping with the client's queue... closed.
-    first.stop()
-    assert wait_until(lambda: not client.running)  # it did say end
-    client.start()
+    # The first server runs in a process of its own, so it can die without a word (SIGKILL).
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\n"
+            "from udpchat import ChatServerUdp\n"
+            "s = ChatServerUdp(port=0, validate=True, interval=1.0)\n"
+            "s.start()\n"
+            "print('%s %d' % s.address, flush=True)\n"
+            "time.sleep(60)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None
+        ip, port = first.stdout.readline().split()
+        address = (ip, int(port))
+        client = make_client(address, interval=0.1)
+        assert wait_until(lambda: client.validated)
+    finally:
+        first.kill()
+        first.wait(5)
+    assert client.running  # no `end` came: it heartbeats on, with a token nobody knows now
     again = ChatServerUdp(*address, validate=True, interval=1.0)
     again.start()
     try:
-        # A new secret: the old token is worthless, and the client earns a new one.
-        assert wait_until(lambda: client.validated and client.address in again.clients)
+        # A new secret: the stale token is refused and challenged, and the client earns a new one.
+        assert wait_until(lambda: client.address in again.clients)
+        assert again.stats()["dropped_unvalidated"] >= 1
         client.send("back")
         got = client.recv(2)
         assert got is not None and got.text == "back"
