@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
+use crate::lifecycle::Core;
 use crate::net;
 use crate::protocol::{self, TOKEN_LEN};
 use crate::throttle::{throttled, Throttle};
@@ -140,7 +141,7 @@ impl Client {
         shared
             .send(protocol::REG, None)
             .map_err(|e| Error::io(format!("cannot register with {}", config.server), e))?;
-        let workers = Workers::new()?;
+        let workers = Workers::new(Self::NAME)?;
         let (tx, messages) = crossbeam_channel::bounded(config.max_queue);
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
@@ -172,15 +173,6 @@ impl Client {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local
-    }
-
-    /// True until stopped, closed by the server's `end`, or a thread panicked.
-    pub fn running(&self) -> bool {
-        self.workers.running()
-    }
-
     /// Datagrams from the server, in arrival order; disconnected once the client has stopped and
     /// the queue is drained.
     pub fn messages(&self) -> &Receiver<Vec<u8>> {
@@ -205,11 +197,6 @@ impl Client {
         lock(&self.shared.validation).token.is_some()
     }
 
-    /// `Err` if a core thread panicked.
-    pub fn failure(&self) -> Result<()> {
-        self.workers.failure()
-    }
-
     /// Sends one chat message to the server.
     pub fn send(&self, data: &[u8]) -> Result<()> {
         self.workers.check()?;
@@ -217,10 +204,21 @@ impl Client {
             .send_message(data, Some(self.workers.stop()))
             .map_err(|e| Error::io("cannot send to the server", e))
     }
+}
+
+impl Core for Client {
+    const NAME: &'static str = "client";
+
+    fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
 
     /// Sends `quit` (unless the server already ended the chat) and ends both threads.
-    /// Idempotent; call it with the GIL released.
-    pub fn stop(&self) {
+    fn stop(&self) {
         let was_running = self.workers.running();
         if !self.workers.stop_and_join() {
             return;

@@ -7,8 +7,11 @@ use std::io;
 pub enum Error {
     /// A socket call failed; `context` says which and on what address.
     Io { context: String, source: io::Error },
-    /// The object is not running (never started, stopped, or closed by the server's `end`).
-    NotRunning,
+    /// The server or client (named) is not running: never started, stopped, or closed by the
+    /// server's `end`.
+    NotRunning(&'static str),
+    /// `start` on a server or client (named) that is running.
+    AlreadyRunning(&'static str),
     /// A core thread panicked; the message is the panic's.
     Panicked(String),
 }
@@ -26,7 +29,8 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io { context, source } => write!(f, "{context}: {source}"),
-            Error::NotRunning => f.write_str("not running"),
+            Error::NotRunning(what) => write!(f, "{what} is not running"),
+            Error::AlreadyRunning(what) => write!(f, "{what} is already running"),
             Error::Panicked(msg) => write!(f, "a udpchat thread panicked: {msg}"),
         }
     }

@@ -10,6 +10,7 @@ compile_error!("udpchat runs on Linux: its core uses recvmmsg and sendmmsg");
 mod auth;
 pub mod client;
 pub mod error;
+pub mod lifecycle;
 mod net;
 pub mod protocol;
 mod ratelimit;

@@ -31,14 +31,22 @@ impl Throttle {
 
 /// Logs through a [`Throttle`], appending how many similar records were suppressed.
 macro_rules! throttled {
-    ($throttle:expr, $level:ident, $($arg:tt)+) => {
+    ($throttle:expr, $level:ident, target: $target:expr, $($arg:tt)+) => {
         if let Some(suppressed) = $throttle.allow(::std::time::Instant::now()) {
             if suppressed == 0 {
-                ::log::$level!($($arg)+);
+                ::log::$level!(target: $target, $($arg)+);
             } else {
-                ::log::$level!("{} ({} similar suppressed)", format_args!($($arg)+), suppressed);
+                ::log::$level!(
+                    target: $target,
+                    "{} ({} similar suppressed)",
+                    format_args!($($arg)+),
+                    suppressed
+                );
             }
         }
+    };
+    ($throttle:expr, $level:ident, $($arg:tt)+) => {
+        throttled!($throttle, $level, target: module_path!(), $($arg)+)
     };
 }
 pub(crate) use throttled;

@@ -61,14 +61,17 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The threads of one server or client and what became of them.
 pub struct Workers {
+    /// "server" or "client", for errors.
+    name: &'static str,
     stop: Arc<Stop>,
     failure: Arc<Mutex<Option<String>>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Workers {
-    pub fn new() -> Result<Self> {
+    pub fn new(name: &'static str) -> Result<Self> {
         Ok(Workers {
+            name,
             stop: Arc::new(Stop::new().map_err(|e| Error::io("cannot create stop pipe", e))?),
             failure: Arc::default(),
             handles: Mutex::default(),
@@ -121,7 +124,7 @@ impl Workers {
     pub fn check(&self) -> Result<()> {
         self.failure()?;
         if self.stop.fired() {
-            return Err(Error::NotRunning);
+            return Err(Error::NotRunning(self.name));
         }
         Ok(())
     }
@@ -155,7 +158,7 @@ mod tests {
 
     #[test]
     fn a_panic_is_kept_and_stops_the_other_threads() {
-        let workers = Workers::new().unwrap();
+        let workers = Workers::new("test").unwrap();
         let stop = Arc::clone(workers.stop());
         workers
             .spawn("waiter", move || {
@@ -174,7 +177,7 @@ mod tests {
 
     #[test]
     fn stop_wakes_poll_and_select_and_is_idempotent() {
-        let workers = Workers::new().unwrap();
+        let workers = Workers::new("test").unwrap();
         let stop = Arc::clone(workers.stop());
         workers
             .spawn("poller", move || {
@@ -192,6 +195,6 @@ mod tests {
         assert!(workers.check().is_ok());
         assert!(workers.stop_and_join());
         assert!(!workers.stop_and_join());
-        assert!(matches!(workers.check(), Err(Error::NotRunning)));
+        assert!(matches!(workers.check(), Err(Error::NotRunning(_))));
     }
 }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::message::Message;
-use super::{parse_ip, parse_seconds, py_addr, to_py, Payload, Port, Slot};
+use super::{lifecycle_methods, parse_ip, parse_seconds, to_py, Payload, Port};
 use crate::client::{Client, ClientConfig};
+use crate::lifecycle::Slot;
 
 /// How long a blocking wait runs with the GIL released before it checks for Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
@@ -19,6 +20,7 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 pub struct ChatClientUdp {
     config: ClientConfig,
     ip: String,
+    port: u16,
     interval: f64,
     core: Slot<Client>,
     /// `dropped` of the last client stopped, whose socket is closed.
@@ -43,7 +45,7 @@ impl ChatClientUdp {
             }
             None => None,
         };
-        let Some(core) = self.core.get(py) else {
+        let Some(core) = self.core.get() else {
             return Ok(None);
         };
         // A message already waiting is taken without releasing the GIL at all.
@@ -92,8 +94,9 @@ impl ChatClientUdp {
                 max_queue,
             },
             ip: ip.to_owned(),
+            port: port.0,
             interval,
-            core: Slot::new(),
+            core: Slot::default(),
             final_dropped: AtomicU64::new(0),
         })
     }
@@ -102,22 +105,25 @@ impl ChatClientUdp {
     /// Raises OSError if no socket can be opened, RuntimeError if already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let config = self.config.clone();
-        self.core.start(py, || Client::start(config))
+        py.detach(|| self.core.start(|| Client::start(config)))
+            .map_err(to_py)
     }
 
     /// Sends ``quit``, ends all threads and closes the socket. Idempotent. Raises RuntimeError if a
     /// client thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.core.stop(py, |core| {
-            self.final_dropped.store(core.dropped(), Ordering::Relaxed)
+        py.detach(|| {
+            self.core
+                .stop(|core| self.final_dropped.store(core.dropped(), Ordering::Relaxed))
         })
+        .map_err(to_py)
     }
 
     /// Sends ``msg`` (str as UTF-8, or bytes) to the server. The default, ``'quit'``, is the
     /// tutorial's: the server forgets this client, until its next heartbeat registers it again.
     #[pyo3(signature = (msg = Payload::Text("quit".to_owned())), text_signature = "($self, /, msg='quit')")]
     fn send(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
-        let core = self.core.running_core(py)?;
+        let core = self.core.running_core().map_err(to_py)?;
         py.detach(|| core.send(msg.as_bytes())).map_err(to_py)
     }
 
@@ -166,19 +172,10 @@ impl ChatClientUdp {
         self.recv(py, None)
     }
 
-    /// The local ``(ip, port)`` while running, else None.
-    #[getter]
-    fn address(&self, py: Python<'_>) -> Option<(String, u16)> {
-        self.core
-            .get(py)
-            .filter(|c| c.running())
-            .map(|c| py_addr(c.local_addr()))
-    }
-
     /// When the server was last heard from (any datagram), as a Unix timestamp; None if never.
     #[getter]
-    fn last_heard(&self, py: Python<'_>) -> Option<f64> {
-        let heard = self.core.get(py)?.last_heard()?;
+    fn last_heard(&self) -> Option<f64> {
+        let heard = self.core.get()?.last_heard()?;
         Some(
             heard
                 .duration_since(std::time::UNIX_EPOCH)
@@ -189,60 +186,18 @@ impl ChatClientUdp {
 
     /// True once a validated-mode server has given this client its token.
     #[getter]
-    fn validated(&self, py: Python<'_>) -> bool {
-        self.core.get(py).is_some_and(|c| c.validated())
+    fn validated(&self) -> bool {
+        self.core.get().is_some_and(|c| c.validated())
     }
 
     /// Messages dropped because they arrived while ``max_queue`` messages were waiting unread.
     #[getter]
-    fn dropped(&self, py: Python<'_>) -> u64 {
-        match self.core.get(py) {
+    fn dropped(&self) -> u64 {
+        match self.core.get() {
             Some(core) => core.dropped(),
             None => self.final_dropped.load(Ordering::Relaxed),
         }
     }
-
-    #[getter]
-    fn ip(&self) -> &str {
-        &self.ip
-    }
-
-    #[getter]
-    fn port(&self) -> u16 {
-        self.config.server.port()
-    }
-
-    #[getter]
-    fn interval(&self) -> f64 {
-        self.interval
-    }
-
-    /// True between ``start()`` and ``stop()``, unless the server ended the chat or a client thread died.
-    #[getter]
-    fn running(&self, py: Python<'_>) -> bool {
-        self.core.running(py)
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
-        slf.get().start(slf.py())?;
-        Ok(slf)
-    }
-
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
-        self.stop(py)
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let state = match self.address(py) {
-            Some((ip, port)) => format!("running on {ip}:{port}"),
-            None => "stopped".to_owned(),
-        };
-        format!(
-            "<ChatClientUdp server={}:{} interval={} {state}>",
-            self.ip,
-            self.config.server.port(),
-            self.interval
-        )
-    }
 }
+
+lifecycle_methods!(ChatClientUdp);

@@ -6,10 +6,9 @@ mod server;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::sync::MutexExt;
 use pyo3::types::PyInt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::Error;
@@ -22,7 +21,9 @@ fn to_py(err: Error) -> PyErr {
             Some(errno) => PyOSError::new_err((errno, err.to_string())),
             None => PyOSError::new_err(err.to_string()),
         },
-        Error::NotRunning | Error::Panicked(_) => PyRuntimeError::new_err(err.to_string()),
+        Error::NotRunning(_) | Error::AlreadyRunning(_) | Error::Panicked(_) => {
+            PyRuntimeError::new_err(err.to_string())
+        }
     }
 }
 
@@ -86,116 +87,76 @@ impl Payload {
     }
 }
 
-/// What the Python classes need of a core: the server and the client alike.
-trait Core: Send + Sync + 'static {
-    /// "server" or "client", for messages.
-    const NAME: &'static str;
-    fn running(&self) -> bool;
-    /// Ends the threads; blocks, so call it with the GIL released.
-    fn stop(&self);
-    fn failure(&self) -> crate::error::Result<()>;
-}
+/// The methods both classes share, from the fields each has (`core: Slot<_>`, and `ip`, `port`,
+/// `interval` as given) and the `start` and `stop` each defines: the arguments' getters,
+/// `running`, `address`, the context manager and `__repr__`.
+macro_rules! lifecycle_methods {
+    ($class:ident) => {
+        #[pymethods]
+        impl $class {
+            #[getter]
+            fn ip(&self) -> &str {
+                &self.ip
+            }
 
-impl Core for crate::server::Server {
-    const NAME: &'static str = "server";
-    fn running(&self) -> bool {
-        self.running()
-    }
-    fn stop(&self) {
-        self.stop()
-    }
-    fn failure(&self) -> crate::error::Result<()> {
-        self.failure()
-    }
-}
+            #[getter]
+            fn port(&self) -> u16 {
+                self.port
+            }
 
-impl Core for crate::client::Client {
-    const NAME: &'static str = "client";
-    fn running(&self) -> bool {
-        self.running()
-    }
-    fn stop(&self) {
-        self.stop()
-    }
-    fn failure(&self) -> crate::error::Result<()> {
-        self.failure()
-    }
-}
+            #[getter]
+            fn interval(&self) -> f64 {
+                self.interval
+            }
 
-/// The running core of a Python object. The mutex is held only to read or swap the `Arc`, and is
-/// taken with the GIL released while waiting, so it can never take part in a GIL deadlock.
-struct Slot<T>(Mutex<Option<Arc<T>>>);
+            /// True between ``start()`` and ``stop()``; False once a thread died, or for a client
+            /// once the server ended the chat.
+            #[getter]
+            fn running(&self) -> bool {
+                self.core.running()
+            }
 
-impl<T: Core> Slot<T> {
-    fn new() -> Self {
-        Slot(Mutex::new(None))
-    }
+            /// The bound ``(ip, port)`` while running, else None.
+            #[getter]
+            fn address(&self) -> Option<(String, u16)> {
+                use crate::lifecycle::Core;
+                self.core
+                    .get()
+                    .filter(|c| c.running())
+                    .map(|c| $crate::python::py_addr(c.local_addr()))
+            }
 
-    fn get(&self, py: Python<'_>) -> Option<Arc<T>> {
-        self.0
-            .lock_py_attached(py)
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
+            fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+                slf.get().start(slf.py())?;
+                Ok(slf)
+            }
 
-    fn running(&self, py: Python<'_>) -> bool {
-        self.get(py).is_some_and(|c| c.running())
-    }
+            #[pyo3(signature = (*_exc))]
+            fn __exit__(
+                &self,
+                py: Python<'_>,
+                _exc: &Bound<'_, pyo3::types::PyTuple>,
+            ) -> PyResult<()> {
+                self.stop(py)
+            }
 
-    /// The core if it is running; else RuntimeError, with the panic if a thread died.
-    fn running_core(&self, py: Python<'_>) -> PyResult<Arc<T>> {
-        match self.get(py) {
-            Some(core) if core.running() => return Ok(core),
-            Some(core) => core.failure().map_err(to_py)?,
-            None => {}
+            fn __repr__(&self) -> String {
+                let state = match self.address() {
+                    Some((ip, port)) => format!("running on {ip}:{port}"),
+                    None => "stopped".to_owned(),
+                };
+                format!(
+                    "<{} ip={:?} port={} interval={} {state}>",
+                    stringify!($class),
+                    self.ip,
+                    self.port,
+                    self.interval
+                )
+            }
         }
-        Err(PyRuntimeError::new_err(format!(
-            "{} is not running",
-            T::NAME
-        )))
-    }
-
-    /// Starts a new core with the GIL released; RuntimeError if one is running.
-    fn start(
-        &self,
-        py: Python<'_>,
-        start: impl FnOnce() -> crate::error::Result<T> + Send,
-    ) -> PyResult<()> {
-        if self.running(py) {
-            return Err(PyRuntimeError::new_err(format!(
-                "{} is already running",
-                T::NAME
-            )));
-        }
-        let core = Arc::new(py.detach(start).map_err(to_py)?);
-        let old = self
-            .0
-            .lock_py_attached(py)
-            .unwrap_or_else(PoisonError::into_inner)
-            .replace(core);
-        if let Some(old) = old {
-            // One that ended by itself (the server's `end`, a panic) still has threads to join.
-            py.detach(|| old.stop());
-        }
-        Ok(())
-    }
-
-    /// Stops and takes out the core, if any: its socket closes once the last reference goes.
-    /// RuntimeError if one of its threads had panicked.
-    fn stop(&self, py: Python<'_>, keep: impl FnOnce(&T)) -> PyResult<()> {
-        let core = self
-            .0
-            .lock_py_attached(py)
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(core) = core {
-            py.detach(|| core.stop());
-            keep(&core);
-            core.failure().map_err(to_py)?;
-        }
-        Ok(())
-    }
+    };
 }
+use lifecycle_methods;
 
 static LOG_RESET: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
 

@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
-use super::{in_range, parse_ip, parse_seconds, py_addr, to_py, Payload, Port, Slot};
+use super::{in_range, lifecycle_methods, parse_ip, parse_seconds, py_addr, to_py, Payload, Port};
 
 /// The core's defaults, for the keyword arguments'.
 const DEFAULTS: ServerConfig = ServerConfig::default_for(SocketAddr::new(
     std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
     9998,
 ));
+use crate::lifecycle::{Core, Slot};
 use crate::registry::Limits;
 use crate::server::{Server, ServerConfig, Stats, MAX_DATAGRAM};
 use crate::worker::lock;
@@ -22,6 +23,7 @@ use crate::worker::lock;
 pub struct ChatServerUdp {
     config: ServerConfig,
     ip: String,
+    port: u16,
     interval: f64,
     core: Slot<Server>,
     /// The counters of the last server stopped, whose socket is closed.
@@ -76,8 +78,9 @@ impl ChatServerUdp {
                 validate,
             },
             ip: ip.to_owned(),
+            port: port.0,
             interval,
-            core: Slot::new(),
+            core: Slot::default(),
             final_stats: Mutex::default(),
         })
     }
@@ -86,26 +89,30 @@ impl ChatServerUdp {
     /// the server is already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let config = self.config.clone();
-        self.core.start(py, || Server::start(config))
+        py.detach(|| self.core.start(|| Server::start(config)))
+            .map_err(to_py)
     }
 
     /// Sends ``end`` to every live client, ends all threads and closes the socket. Idempotent.
     /// Raises RuntimeError if a server thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.core
-            .stop(py, |core| *lock(&self.final_stats) = core.stats())
+        py.detach(|| {
+            self.core
+                .stop(|core| *lock(&self.final_stats) = core.stats())
+        })
+        .map_err(to_py)
     }
 
     /// Sends ``msg`` to every live client, as a message from the server's own address.
     fn broadcast(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
-        let core = self.core.running_core(py)?;
+        let core = self.core.running_core().map_err(to_py)?;
         py.detach(|| core.broadcast(msg.as_bytes())).map_err(to_py)
     }
 
     /// Counters since start (see the stub for each), the kernel's count of datagrams it dropped
     /// for want of buffer space, and the clients registered now. They outlive ``stop()``.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = match self.core.get(py) {
+        let stats = match self.core.get() {
             Some(core) => core.stats(),
             None => lock(&self.final_stats).clone(),
         };
@@ -116,7 +123,7 @@ impl ChatServerUdp {
     #[getter]
     fn clients<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
-        if let Some(core) = self.core.get(py).filter(|c| c.running()) {
+        if let Some(core) = self.core.get().filter(|c| c.running()) {
             for (addr, seen) in core.clients() {
                 let stamp = seen
                     .duration_since(UNIX_EPOCH)
@@ -126,30 +133,6 @@ impl ChatServerUdp {
             }
         }
         Ok(dict)
-    }
-
-    /// The ``(ip, port)`` actually bound while running (``port=0`` picks a free one), else None.
-    #[getter]
-    fn address(&self, py: Python<'_>) -> Option<(String, u16)> {
-        self.core
-            .get(py)
-            .filter(|c| c.running())
-            .map(|c| py_addr(c.local_addr()))
-    }
-
-    #[getter]
-    fn ip(&self) -> &str {
-        &self.ip
-    }
-
-    #[getter]
-    fn port(&self) -> u16 {
-        self.config.addr.port()
-    }
-
-    #[getter]
-    fn interval(&self) -> f64 {
-        self.interval
     }
 
     #[getter]
@@ -162,33 +145,6 @@ impl ChatServerUdp {
     fn validate(&self) -> bool {
         self.config.validate
     }
-
-    /// True between ``start()`` and ``stop()``; False if a server thread died.
-    #[getter]
-    fn running(&self, py: Python<'_>) -> bool {
-        self.core.running(py)
-    }
-
-    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
-        slf.get().start(slf.py())?;
-        Ok(slf)
-    }
-
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<()> {
-        self.stop(py)
-    }
-
-    fn __repr__(&self, py: Python<'_>) -> String {
-        let state = match self.address(py) {
-            Some((ip, port)) => format!("serving on {ip}:{port}"),
-            None => "stopped".to_owned(),
-        };
-        format!(
-            "<ChatServerUdp ip={:?} port={} interval={} {state}>",
-            self.ip,
-            self.config.addr.port(),
-            self.interval
-        )
-    }
 }
+
+lifecycle_methods!(ChatServerUdp);

@@ -1,0 +1,298 @@
+//! The chat server: a receiver thread that classifies datagrams and keeps the client table, and
+//! a fan-out thread that sends each broadcast to every live client, joined by a bounded channel.
+//!
+//! `mod.rs` holds the public `Server`, its configuration and its stop; each concern has a file:
+//! `receive` (the receiver thread), `fanout` (sending broadcasts, the sweep), `validated` (the
+//! handshake of validated mode), `stats` (the counters).
+
+mod fanout;
+mod receive;
+mod stats;
+mod validated;
+
+use crossbeam_channel::{select, Sender};
+use log::{debug, info};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::auth::Keys;
+use crate::error::{Error, Result};
+use crate::lifecycle::Core;
+use crate::net;
+use crate::protocol;
+use crate::registry::{Limits, Registry};
+use crate::worker::{lock, Workers};
+use fanout::{Job, Sending, FANOUT_QUEUE};
+use receive::{Receive, RECV_BATCH};
+use stats::Counters;
+pub use stats::Stats;
+
+/// Python's logger for every record of the server's files: `udpchat.server`.
+const LOG_TARGET: &str = "udpchat::server";
+
+/// The largest UDP payload over IPv4, the default for `max_datagram`.
+pub const MAX_DATAGRAM: usize = 65_507;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub addr: SocketAddr,
+    /// A client silent for more than this is dropped.
+    pub interval: Duration,
+    /// A datagram longer than this is dropped and counted, never relayed cut.
+    pub max_datagram: usize,
+    /// Threads that share a large fan-out. One is right for 2 cores (see BENCHMARKS.md).
+    pub fanout_threads: usize,
+    /// Clients registered at most, in all and per IP address.
+    pub limits: Limits,
+    /// Datagrams per second each source IP may send (bursts of one second's worth); None: any.
+    pub rate_limit: Option<f64>,
+    /// The kernel receive buffer to ask for (SO_RCVBUF), in bytes; None: the system default.
+    pub rcvbuf: Option<usize>,
+    /// Validated mode: a source registers only after proving it receives at its address, and
+    /// every datagram it sends after that carries its token.
+    pub validate: bool,
+}
+
+impl ServerConfig {
+    /// The tutorial's interval and this library's defaults for everything else.
+    pub const fn default_for(addr: SocketAddr) -> ServerConfig {
+        ServerConfig {
+            addr,
+            interval: Duration::from_secs(10),
+            max_datagram: MAX_DATAGRAM,
+            fanout_threads: 1,
+            limits: Limits {
+                max_clients: 100_000,
+                max_per_ip: 1024,
+            },
+            rate_limit: None,
+            rcvbuf: None,
+            validate: false,
+        }
+    }
+
+    /// How often silent clients are swept out: often enough that the table never lists one for
+    /// long past its interval, rarely enough to cost nothing.
+    fn sweep_period(&self) -> Duration {
+        (self.interval / 4).clamp(Duration::from_millis(10), Duration::from_millis(250))
+    }
+}
+
+/// What the server's threads and its Python object share.
+struct Shared {
+    socket: UdpSocket,
+    local: SocketAddr,
+    config: ServerConfig,
+    registry: Mutex<Registry>,
+    counters: Counters,
+    /// Validated mode's keys.
+    keys: Option<Keys>,
+    /// Held for every fan-out, by whichever thread sends it: this is what keeps order.
+    sending: Mutex<Sending>,
+}
+
+pub struct Server {
+    shared: Arc<Shared>,
+    workers: Workers,
+    fanout: Sender<Job>,
+}
+
+impl Server {
+    /// Binds and starts the receiver and fan-out threads.
+    pub fn start(config: ServerConfig) -> Result<Server> {
+        let socket = net::bind(config.addr, config.rcvbuf)
+            .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
+        let keys = match config.validate {
+            true => Some(Keys::new().map_err(|e| Error::io("cannot make a secret key", e))?),
+            false => None,
+        };
+        let local = socket
+            .local_addr()
+            .map_err(|e| Error::io("cannot read bound address", e))?;
+        let shared = Arc::new(Shared {
+            socket,
+            local,
+            registry: Mutex::new(Registry::new(config.interval, config.limits)),
+            config,
+            counters: Counters::default(),
+            keys,
+            sending: Mutex::default(),
+        });
+        let workers = Workers::new(Self::NAME)?;
+        let (fanout, jobs) = crossbeam_channel::bounded::<Job>(FANOUT_QUEUE);
+        let server = Server {
+            shared: Arc::clone(&shared),
+            workers,
+            fanout: fanout.clone(),
+        };
+        {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
+            server.workers.spawn("udpchat-srv-rx", move || {
+                let mut inbox = net::Inbox::new(RECV_BATCH, shared.config.max_datagram);
+                let mut handler = Receive::new(&shared, &stop, &fanout);
+                net::receive_loop(&shared.socket, &mut inbox, &stop, &mut handler);
+            })?;
+        }
+        {
+            let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
+            server
+                .workers
+                .spawn("udpchat-srv-tx", move || fanout::run(&shared, &stop, &jobs))?;
+        }
+        let mode = if shared.keys.is_some() {
+            "validated"
+        } else {
+            "open"
+        };
+        info!(
+            "serving on {local}, interval {:?}, {mode} mode",
+            shared.config.interval
+        );
+        Ok(server)
+    }
+
+    /// Live clients with the wall-clock time each was last heard from.
+    pub fn clients(&self) -> Vec<(SocketAddr, SystemTime)> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        lock(&self.shared.registry)
+            .snapshot(now)
+            .into_iter()
+            .map(|(addr, seen)| (addr, wall - now.saturating_duration_since(seen)))
+            .collect()
+    }
+
+    /// Sends `payload` to every live client as a message from the server's own address.
+    pub fn broadcast(&self, payload: &[u8]) -> Result<()> {
+        self.workers.check()?;
+        let mut datagram = Vec::new();
+        protocol::write_ack(&mut datagram, self.shared.local, payload);
+        let stop = self.workers.stop();
+        select! {
+            send(self.fanout, vec![datagram]) -> sent => sent.map_err(|_| Error::NotRunning(Self::NAME)),
+            recv(stop.channel()) -> _ => Err(Error::NotRunning(Self::NAME)),
+        }?;
+        Ok(())
+    }
+
+    /// The counters, the kernel's count of datagrams it dropped for want of buffer space, and
+    /// the clients registered now.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.shared.counters.snapshot();
+        stats.push((
+            "kernel_drops",
+            net::kernel_drops(&self.shared.socket).unwrap_or(0),
+        ));
+        stats.push(("clients", lock(&self.shared.registry).len() as u64));
+        stats
+    }
+}
+
+impl Core for Server {
+    const NAME: &'static str = "server";
+
+    fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.shared.local
+    }
+
+    /// Ends both threads, then sends `end` to every live client.
+    fn stop(&self) {
+        if !self.workers.stop_and_join() {
+            return;
+        }
+        // Both threads are gone, so nothing can follow the `end`.
+        let shared = &self.shared;
+        let mut ended = 0;
+        let mut end = Vec::new();
+        for (addr, _) in self.clients() {
+            end.clear();
+            match &shared.keys {
+                Some(keys) => {
+                    protocol::write_keyed(&mut end, protocol::END_KEYED, &keys.token(addr))
+                }
+                None => end.extend_from_slice(protocol::END),
+            }
+            match net::send(&shared.socket, &end, Some(addr), None) {
+                Ok(()) => ended += 1,
+                Err(e) => debug!("cannot send end to {addr}: {e}"),
+            }
+        }
+        info!(
+            "stopped serving on {}; sent end to {ended} clients",
+            shared.local
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> UdpSocket {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s
+    }
+
+    fn recv(s: &UdpSocket) -> Vec<u8> {
+        let mut buf = [0u8; 70_000];
+        let n = s.recv(&mut buf).unwrap();
+        buf[..n].to_vec()
+    }
+
+    fn server(max_datagram: usize) -> Server {
+        Server::start(ServerConfig {
+            max_datagram,
+            ..ServerConfig::default_for("127.0.0.1:0".parse().unwrap())
+        })
+        .unwrap()
+    }
+
+    fn stat(server: &Server, name: &str) -> u64 {
+        server
+            .stats()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1
+    }
+
+    #[test]
+    fn relays_to_every_client_and_ends_them_on_stop() {
+        let server = server(MAX_DATAGRAM);
+        let addr = server.local_addr();
+        let (a, b) = (peer(), peer());
+        b.send_to(b"reg", addr).unwrap();
+        a.send_to(b" hi \n", addr).unwrap();
+        let from = a.local_addr().unwrap();
+        let expected = format!("ack: {} {}\nhi\n", from.ip(), from.port());
+        assert_eq!(recv(&a), expected.as_bytes());
+        assert_eq!(recv(&b), expected.as_bytes());
+        assert_eq!(server.clients().len(), 2);
+        server.stop();
+        assert!(!server.running());
+        assert_eq!(recv(&a), b"end");
+        assert_eq!(recv(&b), b"end");
+        let counts = ["received", "broadcasts", "deliveries"].map(|n| stat(&server, n));
+        assert_eq!(counts, [2, 1, 2]);
+    }
+
+    #[test]
+    fn oversize_datagrams_are_dropped_and_counted() {
+        let server = server(100);
+        let addr = server.local_addr();
+        let a = peer();
+        a.send_to(&[b'x'; 101], addr).unwrap();
+        a.send_to(&[b'y'; 100], addr).unwrap();
+        let mut expected = [b'y'; 101];
+        expected[100] = b'\n';
+        assert!(recv(&a).ends_with(&expected));
+        assert_eq!(stat(&server, "dropped_oversize"), 1);
+        server.stop();
+    }
+}

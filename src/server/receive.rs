@@ -1,0 +1,182 @@
+//! The receiver: classifies each datagram, keeps the client table, and hands each batch's
+//! broadcasts on, sending a small one itself when nothing is queued ahead of it.
+
+use crossbeam_channel::{select, Sender};
+use log::info;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::fanout::Job;
+use super::{Shared, LOG_TARGET};
+use crate::net;
+use crate::protocol::{self, Datagram};
+use crate::ratelimit::RateLimiter;
+use crate::registry::Touch;
+use crate::throttle::{throttled, Throttle};
+use crate::worker::{lock, Stop};
+
+/// Datagrams read per `recvmmsg` call.
+pub(super) const RECV_BATCH: usize = 32;
+/// Deliveries (broadcasts times live clients) the receiver sends itself rather than hand over.
+/// Handing a small fan-out to the other thread costs more in wake-ups than the send (on 2 cores,
+/// about a quarter of the message rate).
+const INLINE_FANOUT: usize = 256;
+
+/// The receiver's state: control words update the table; each batch's messages go to the
+/// fan-out as one job, their broadcast datagrams built once.
+pub(super) struct Receive<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) stop: &'a Stop,
+    fanout: &'a Sender<Job>,
+    job: Job,
+    /// The per-source rate limiter and when it was last swept.
+    limiter: Option<(RateLimiter, Instant)>,
+    /// Validated mode's replies, built here.
+    pub(super) reply: Vec<u8>,
+    pub(super) warnings: Throttle,
+    icmp: Throttle,
+}
+
+impl<'a> Receive<'a> {
+    pub(super) fn new(shared: &'a Shared, stop: &'a Stop, fanout: &'a Sender<Job>) -> Self {
+        Receive {
+            shared,
+            stop,
+            fanout,
+            job: Job::new(),
+            limiter: shared.config.rate_limit.map(|rate| {
+                let sources = shared.config.limits.max_clients.max(1024);
+                (RateLimiter::new(rate, sources), Instant::now())
+            }),
+            reply: Vec::new(),
+            warnings: Throttle::default(),
+            icmp: Throttle::default(),
+        }
+    }
+
+    /// A datagram in the open protocol (or the body of a tokened one).
+    pub(super) fn open(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+        match protocol::classify(data) {
+            Datagram::Empty => {}
+            Datagram::Register | Datagram::Heartbeat => {
+                self.touch(from, now);
+            }
+            Datagram::Quit => {
+                if lock(&self.shared.registry).remove(from) {
+                    info!(target: LOG_TARGET, "{from} left");
+                }
+            }
+            Datagram::Message(payload) => {
+                // A source the table turns away is not relayed either.
+                if self.touch(from, now) {
+                    let mut datagram = Vec::new();
+                    protocol::write_ack(&mut datagram, from, payload);
+                    self.job.push(datagram);
+                }
+            }
+        }
+    }
+
+    /// Marks `from` alive, registering it if the limits allow; false if they did not.
+    pub(super) fn touch(&mut self, from: SocketAddr, now: Instant) -> bool {
+        let touch = lock(&self.shared.registry).touch(from, now);
+        match touch {
+            Touch::Refreshed => true,
+            Touch::Joined => {
+                info!(target: LOG_TARGET, "{from} joined");
+                true
+            }
+            Touch::Full | Touch::IpFull => {
+                self.shared.counters.dropped_over_cap.fetch_add(1, Relaxed);
+                let limits = self.shared.config.limits;
+                let why = match touch {
+                    Touch::Full => format!("max_clients ({}) reached", limits.max_clients),
+                    _ => format!(
+                        "max_per_ip ({}) reached for {}",
+                        limits.max_per_ip,
+                        from.ip()
+                    ),
+                };
+                throttled!(self.warnings, warn, target: LOG_TARGET, "refused {from}: {why}");
+                false
+            }
+        }
+    }
+}
+
+impl net::Handler for Receive<'_> {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, cut: bool) {
+        let shared = self.shared;
+        let counters = &shared.counters;
+        counters.received.fetch_add(1, Relaxed);
+        if !protocol::is_valid_peer(from) {
+            counters.dropped_bad_source.fetch_add(1, Relaxed);
+            throttled!(
+                self.warnings,
+                warn,
+                target: LOG_TARGET,
+                "dropped a datagram from {from}: not an address to answer"
+            );
+            return;
+        }
+        let now = Instant::now();
+        if let Some((limiter, _)) = &mut self.limiter {
+            if !limiter.allow(from.ip(), now) {
+                counters.dropped_rate_limited.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        if cut {
+            counters.dropped_oversize.fetch_add(1, Relaxed);
+            let max = shared.config.max_datagram;
+            throttled!(
+                self.warnings,
+                warn,
+                target: LOG_TARGET,
+                "dropped a datagram from {from}: more than {max} bytes"
+            );
+            return;
+        }
+        match &shared.keys {
+            None => self.open(data, from, now),
+            Some(keys) => self.validated(keys, data, from, now),
+        }
+    }
+
+    fn batch_done(&mut self) {
+        if let Some((limiter, swept)) = &mut self.limiter {
+            if swept.elapsed() >= Duration::from_secs(1) {
+                *swept = Instant::now();
+                limiter.sweep(*swept);
+            }
+        }
+        if self.job.is_empty() {
+            return;
+        }
+        let shared = self.shared;
+        let small = self.job.len() * lock(&shared.registry).len() <= INLINE_FANOUT;
+        if small && self.fanout.is_empty() {
+            if let Ok(mut sending) = shared.sending.try_lock() {
+                // Checked again under the lock: the fan-out thread empties the queue only while
+                // holding it, so nothing queued can be overtaken.
+                if self.fanout.is_empty() {
+                    shared.fan_out(&mut sending, self.job.iter(), self.stop);
+                    self.job.clear();
+                    return;
+                }
+            }
+        }
+        let job = std::mem::take(&mut self.job);
+        // Blocks while the fan-out queue is full (the kernel then queues and drops new
+        // datagrams, and counts them), but never past stop.
+        select! {
+            send(self.fanout, job) -> _ => {},
+            recv(self.stop.channel()) -> _ => {},
+        }
+    }
+
+    fn icmp(&mut self, e: &std::io::Error) {
+        throttled!(self.icmp, debug, target: LOG_TARGET, "ICMP error on the server socket: {e}");
+    }
+}

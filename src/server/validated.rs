@@ -1,0 +1,65 @@
+//! Validated mode: a source registers only after echoing a stateless cookie (proving it
+//! receives at its address), and every datagram it sends after that carries its token.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use super::receive::Receive;
+use super::LOG_TARGET;
+use crate::auth::Keys;
+use crate::net;
+use crate::protocol::{self, Validated};
+use crate::throttle::throttled;
+
+impl Receive<'_> {
+    /// A datagram to a validated-mode server.
+    pub(super) fn validated(&mut self, keys: &Keys, data: &[u8], from: SocketAddr, now: Instant) {
+        match protocol::classify_validated(data) {
+            Validated::Hello => self.challenge(keys, data.len(), from, now),
+            Validated::Answer(cookie) if keys.check_cookie(from, cookie, now) => {
+                if self.touch(from, now) {
+                    self.reply.clear();
+                    protocol::write_keyed(&mut self.reply, protocol::WELCOME, &keys.token(from));
+                    self.send_reply(from);
+                }
+            }
+            Validated::Tokened { token, body } if keys.check_token(from, token) => {
+                self.open(body, from, now)
+            }
+            other => {
+                let counters = &self.shared.counters;
+                let counter = match other {
+                    Validated::Other => &counters.dropped_malformed,
+                    _ => &counters.dropped_unvalidated,
+                };
+                counter.fetch_add(1, Relaxed);
+                // A client whose token is stale (the server restarted) learns so and registers
+                // again; the challenge is never longer than what came in.
+                self.challenge(keys, data.len(), from, now);
+            }
+        }
+    }
+
+    /// Sends a challenge, keeping no state, and only in reply to at least as many bytes.
+    fn challenge(&mut self, keys: &Keys, received: usize, from: SocketAddr, now: Instant) {
+        if received < protocol::CHALLENGE_LEN {
+            return;
+        }
+        self.reply.clear();
+        protocol::write_keyed(
+            &mut self.reply,
+            protocol::CHALLENGE,
+            &keys.cookie(from, now),
+        );
+        self.shared.counters.challenges.fetch_add(1, Relaxed);
+        self.send_reply(from);
+    }
+
+    fn send_reply(&mut self, to: SocketAddr) {
+        if let Err(e) = net::send(&self.shared.socket, &self.reply, Some(to), Some(self.stop)) {
+            self.shared.counters.send_errors.fetch_add(1, Relaxed);
+            throttled!(self.warnings, warn, target: LOG_TARGET, "cannot answer {to}: {e}");
+        }
+    }
+}
