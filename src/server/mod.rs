@@ -6,6 +6,8 @@
 //! handshake of validated mode), `stats` (the counters).
 
 mod fanout;
+#[cfg(test)]
+mod forged_tests;
 mod receive;
 mod stats;
 mod validated;
@@ -98,9 +100,9 @@ pub struct Server {
     fanout: Sender<Job>,
 }
 
-impl Server {
-    /// Binds and starts the receiver and fan-out threads.
-    pub fn start(config: ServerConfig) -> Result<Server> {
+impl Shared {
+    /// Binds the socket and makes validated mode's keys: all a server is before its threads.
+    fn bind(config: ServerConfig) -> Result<Shared> {
         let socket = net::bind(config.addr, config.rcvbuf)
             .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
         let keys = match config.validate {
@@ -110,7 +112,7 @@ impl Server {
         let local = socket
             .local_addr()
             .map_err(|e| Error::io("cannot read bound address", e))?;
-        let shared = Arc::new(Shared {
+        Ok(Shared {
             socket,
             local,
             registry: Mutex::new(Registry::new(config.interval, config.limits)),
@@ -118,7 +120,15 @@ impl Server {
             counters: Counters::default(),
             keys,
             sending: Mutex::default(),
-        });
+        })
+    }
+}
+
+impl Server {
+    /// Binds and starts the receiver and fan-out threads.
+    pub fn start(config: ServerConfig) -> Result<Server> {
+        let shared = Arc::new(Shared::bind(config)?);
+        let local = shared.local;
         let workers = Workers::new(Self::NAME)?;
         let (fanout, jobs) = crossbeam_channel::bounded::<Job>(FANOUT_QUEUE);
         let server = Server {
