@@ -2,7 +2,7 @@
 //! `poll(2)` together with the stop pipe, so a blocked receiver wakes the moment `stop()` fires.
 
 use std::io::{self, ErrorKind};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,42 @@ pub fn bind(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<UdpSocket> {
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Every address of this host's interfaces (getifaddrs(3)), for a server bound to a wildcard
+/// address to know which sources are itself.
+pub fn local_ips() -> io::Result<Vec<IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ips = Vec::new();
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*entry };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr points at a sockaddr whose family says which struct it is.
+            unsafe {
+                match i32::from((*ifa.ifa_addr).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                        ips.push(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into());
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                        ips.push(Ipv6Addr::from(sin6.sin6_addr.s6_addr).into());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        entry = ifa.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once; no reference into it outlives this.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(ips)
 }
 
 /// SO_MEMINFO from asm-generic/socket.h (x86, arm, riscv); the libc crate names only its fields.
@@ -527,6 +563,12 @@ mod tests {
             t0.elapsed()
         );
         assert!((3..=11).contains(&handler.batches), "{}", handler.batches);
+    }
+
+    #[test]
+    fn local_ips_include_loopback() {
+        let ips = local_ips().unwrap();
+        assert!(ips.contains(&IpAddr::from(Ipv4Addr::LOCALHOST)), "{ips:?}");
     }
 
     #[test]

@@ -197,6 +197,18 @@ pub fn parse_ack(datagram: &[u8]) -> Option<Ack<'_>> {
     })
 }
 
+/// True for what a udpchat server sends and a client never does: an `ack:` line, `end` (plain
+/// or keyed), a challenge or a welcome. A server that receives one is talking to another server
+/// (or to itself, through a forged source), and answering it could start a loop.
+pub fn is_server_output(data: &[u8]) -> bool {
+    let data = strip(data);
+    data == END
+        || parse_ack(data).is_some()
+        || [END_KEYED, CHALLENGE, WELCOME]
+            .iter()
+            .any(|prefix| parse_keyed(data, prefix).is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -295,6 +307,46 @@ mod tests {
         #[test]
         fn parse_ack_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = parse_ack(&data);
+        }
+    }
+
+    #[test]
+    fn server_output_is_told_from_what_clients_send() {
+        let token = [b'a'; TOKEN_LEN];
+        let mut ack = Vec::new();
+        write_ack(&mut ack, addr("[::1]:9998"), b"hello");
+        let mut outputs = vec![ack, END.to_vec(), b" end\n".to_vec()];
+        for prefix in [END_KEYED, CHALLENGE, WELCOME] {
+            let mut keyed = Vec::new();
+            write_keyed(&mut keyed, prefix, &token);
+            outputs.push(keyed);
+        }
+        for out in &outputs {
+            assert!(is_server_output(out), "{:?}", String::from_utf8_lossy(out));
+        }
+        let mut tokened = token.to_vec();
+        tokened.extend_from_slice(b" ack: 1.2.3.4 5\nx\n");
+        let mut sent = vec![tokened];
+        for body in [
+            REG,
+            HEARTBEAT,
+            QUIT,
+            b"reg 0123",
+            b"hello",
+            b"ending",
+            b"ack: hi",
+            b"welcome",
+        ] {
+            let mut padded = body.to_vec();
+            pad(&mut padded);
+            sent.extend([body.to_vec(), padded]);
+        }
+        for client in &sent {
+            assert!(
+                !is_server_output(client),
+                "{:?}",
+                String::from_utf8_lossy(client)
+            );
         }
     }
 

@@ -5,10 +5,33 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Instant;
 
+/// One source's tokens: refilled at a rate, up to a burst.
 #[derive(Debug)]
-struct Bucket {
+pub struct Bucket {
     tokens: f64,
     last: Instant,
+}
+
+impl Bucket {
+    pub fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Refills at `rate` a second up to `burst`, then takes a token; false if none is left.
+    pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * rate;
+        self.tokens = (self.tokens + refill).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -37,19 +60,10 @@ impl RateLimiter {
             return false;
         }
         let (rate, burst) = (self.rate, self.burst);
-        let bucket = self.buckets.entry(ip).or_insert(Bucket {
-            tokens: burst,
-            last: now,
-        });
-        let refill = now.saturating_duration_since(bucket.last).as_secs_f64() * rate;
-        bucket.tokens = (bucket.tokens + refill).min(burst);
-        bucket.last = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.buckets
+            .entry(ip)
+            .or_insert_with(|| Bucket::full(burst, now))
+            .take(rate, burst, now)
     }
 
     /// Forgets sources whose buckets have refilled: tracking them changes nothing.

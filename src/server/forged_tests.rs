@@ -194,3 +194,117 @@ fn sources_no_one_can_answer_are_never_registered_or_sent_to() {
         assert_eq!(lock(&bench.shared.registry).len(), 0);
     }
 }
+
+/// A registered client of `bench` (validated if the server is): a real socket.
+fn client(bench: &Bench, rx: &mut Receive<'_>) -> (UdpSocket, Option<Vec<u8>>) {
+    let s = socket();
+    let token = match bench.shared.keys {
+        Some(_) => Some(validate(bench, rx, &s)),
+        None => {
+            feed(rx, b"reg", addr(&s));
+            None
+        }
+    };
+    (s, token)
+}
+
+/// Everything that reaches the servers' sockets is handed to their receivers, round after
+/// round, until all are quiet for 30 ms or `ROUNDS` rounds have passed. Returns how many
+/// datagrams each server received.
+fn pump(servers: &mut [(&Bench, Receive<'_>)]) -> Vec<usize> {
+    const ROUNDS: usize = 300;
+    let mut received = vec![0; servers.len()];
+    let mut buf = [0u8; 70_000];
+    let mut quiet = 0;
+    for _ in 0..ROUNDS {
+        let mut moved = 0;
+        for (i, (bench, rx)) in servers.iter_mut().enumerate() {
+            while let Ok((n, from)) = bench.shared.socket.recv_from(&mut buf) {
+                feed(rx, &buf[..n], from);
+                received[i] += 1;
+                moved += 1;
+            }
+        }
+        quiet = if moved == 0 { quiet + 1 } else { 0 };
+        if quiet == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    received
+}
+
+/// What a forger can send to start a loop, "from" a server's address.
+fn triggers() -> Vec<(&'static str, Vec<u8>)> {
+    let mut ack = Vec::new();
+    protocol::write_ack(&mut ack, "127.0.0.1:4".parse().unwrap(), b"looping");
+    let mut challenge = Vec::new();
+    protocol::write_keyed(&mut challenge, CHALLENGE, &[b'a'; protocol::TOKEN_LEN]);
+    vec![
+        ("reg", b"reg".to_vec()),
+        ("padded reg", padded(b"reg")),
+        ("message", b"hello".to_vec()),
+        ("64-byte datagram", vec![b'x'; 64]),
+        ("ack", ack),
+        ("challenge", challenge),
+    ]
+}
+
+#[test]
+fn a_datagram_forged_from_the_servers_own_address_starts_nothing() {
+    for validate in [false, true] {
+        for (name, trigger) in triggers() {
+            let bench = Bench::new(validate);
+            let mut rx = bench.receiver();
+            let (member, _) = client(&bench, &mut rx);
+            drain(&member);
+            let own = bench.shared.local;
+            feed(&mut rx, &trigger, own);
+            let received = pump(&mut [(&bench, rx)])[0];
+            let case = format!("validate={validate}, {name}");
+            assert_eq!(received, 0, "{case}: the server sent itself datagrams");
+            assert!(
+                !bench.registered(own),
+                "{case}: the server registered itself"
+            );
+            assert!(
+                drain(&member).is_empty(),
+                "{case}: its client got the forgery"
+            );
+            assert_eq!(bench.stat("dropped_loop"), 1, "{case}");
+        }
+    }
+}
+
+#[test]
+fn no_pairing_of_two_servers_loops_on_any_forged_datagram() {
+    for (validate_a, validate_b) in [(false, false), (false, true), (true, false), (true, true)] {
+        for (name, trigger) in triggers() {
+            for a_first in [true, false] {
+                let (a, b) = (Bench::new(validate_a), Bench::new(validate_b));
+                let (mut rx_a, mut rx_b) = (a.receiver(), b.receiver());
+                let (member_a, _) = client(&a, &mut rx_a);
+                let (member_b, _) = client(&b, &mut rx_b);
+                drain(&member_a);
+                drain(&member_b);
+                // The forgery reaches one server "from" the other.
+                let (to, from) = if a_first {
+                    (&mut rx_a, &b)
+                } else {
+                    (&mut rx_b, &a)
+                };
+                feed(to, &trigger, from.shared.local);
+                let received = pump(&mut [(&a, rx_a), (&b, rx_b)]);
+                let case = format!(
+                    "a validate={validate_a}, b validate={validate_b}, {name} {}",
+                    if a_first { "to a" } else { "to b" }
+                );
+                assert!(received.iter().all(|&n| n < 10), "{case}: {received:?}");
+                for member in [&member_a, &member_b] {
+                    let copies = drain(member).len();
+                    assert!(copies <= 1, "{case}: a client got {copies} copies");
+                }
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@
 mod fanout;
 #[cfg(test)]
 mod forged_tests;
+mod loops;
 mod receive;
 mod stats;
 mod validated;

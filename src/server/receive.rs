@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::fanout::Job;
+use super::loops::{Loop, LoopGuard, ReplyLimit};
 use super::{Shared, LOG_TARGET};
 use crate::net;
 use crate::protocol::{self, Datagram};
@@ -30,10 +31,14 @@ pub(super) struct Receive<'a> {
     pub(super) stop: &'a Stop,
     fanout: &'a Sender<Job>,
     job: Job,
-    /// The per-source rate limiter and when it was last swept.
-    limiter: Option<(RateLimiter, Instant)>,
-    /// Validated mode's replies, built here.
+    /// The per-source rate limiter (`rate_limit`).
+    limiter: Option<RateLimiter>,
+    /// When the rate limiters were last swept.
+    swept: Instant,
+    guard: LoopGuard,
+    /// Validated mode's replies, built here, and their budget.
     pub(super) reply: Vec<u8>,
+    pub(super) replies: ReplyLimit,
     pub(super) warnings: Throttle,
     icmp: Throttle,
 }
@@ -47,9 +52,12 @@ impl<'a> Receive<'a> {
             job: Job::new(),
             limiter: shared.config.rate_limit.map(|rate| {
                 let sources = shared.config.limits.max_clients.max(1024);
-                (RateLimiter::new(rate, sources), Instant::now())
+                RateLimiter::new(rate, sources)
             }),
+            swept: Instant::now(),
+            guard: LoopGuard::new(shared.local),
             reply: Vec::new(),
+            replies: ReplyLimit::new(Instant::now()),
             warnings: Throttle::default(),
             icmp: Throttle::default(),
         }
@@ -121,7 +129,21 @@ impl net::Handler for Receive<'_> {
             return;
         }
         let now = Instant::now();
-        if let Some((limiter, _)) = &mut self.limiter {
+        if let Some(why) = self.guard.check(data, from, now) {
+            counters.dropped_loop.fetch_add(1, Relaxed);
+            let why = match why {
+                Loop::Own => "its source is this server's own address",
+                Loop::ServerOutput => "it is a server's output, never a client's",
+            };
+            throttled!(
+                self.warnings,
+                warn,
+                target: LOG_TARGET,
+                "dropped a datagram from {from}: {why}"
+            );
+            return;
+        }
+        if let Some(limiter) = &mut self.limiter {
             if !limiter.allow(from.ip(), now) {
                 counters.dropped_rate_limited.fetch_add(1, Relaxed);
                 return;
@@ -145,11 +167,12 @@ impl net::Handler for Receive<'_> {
     }
 
     fn batch_done(&mut self) {
-        if let Some((limiter, swept)) = &mut self.limiter {
-            if swept.elapsed() >= Duration::from_secs(1) {
-                *swept = Instant::now();
-                limiter.sweep(*swept);
+        if self.swept.elapsed() >= Duration::from_secs(1) {
+            self.swept = Instant::now();
+            if let Some(limiter) = &mut self.limiter {
+                limiter.sweep(self.swept);
             }
+            self.replies.sweep(self.swept);
         }
         if self.job.is_empty() {
             return;

@@ -43,8 +43,13 @@ counters! {
     dropped_malformed,
     /// From port 0, or an unspecified, broadcast or multicast address: forged.
     dropped_bad_source,
+    /// From one of the server's own addresses, or another server's output (`ack:`, `end`, a
+    /// challenge, a welcome): answering could start a loop.
+    dropped_loop,
     /// Validated mode: challenges sent.
     challenges,
+    /// Validated mode: challenges and welcomes not sent, over the reply limits.
+    replies_limited,
     /// Clients dropped for silence.
     expired,
 }

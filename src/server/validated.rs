@@ -21,7 +21,7 @@ impl Receive<'_> {
                 if self.touch(from, now) {
                     self.reply.clear();
                     protocol::write_keyed(&mut self.reply, protocol::WELCOME, &keys.token(from));
-                    self.send_reply(from);
+                    self.send_reply(from, now);
                 }
             }
             Validated::Tokened { token, body } if keys.check_token(from, token) => {
@@ -52,14 +52,22 @@ impl Receive<'_> {
             protocol::CHALLENGE,
             &keys.cookie(from, now),
         );
-        self.shared.counters.challenges.fetch_add(1, Relaxed);
-        self.send_reply(from);
+        if self.send_reply(from, now) {
+            self.shared.counters.challenges.fetch_add(1, Relaxed);
+        }
     }
 
-    fn send_reply(&mut self, to: SocketAddr) {
+    /// Sends `reply` to `to` if the reply limits allow; false if they did not.
+    fn send_reply(&mut self, to: SocketAddr, now: Instant) -> bool {
+        let counters = &self.shared.counters;
+        if !self.replies.allow(to.ip(), now) {
+            counters.replies_limited.fetch_add(1, Relaxed);
+            return false;
+        }
         if let Err(e) = net::send(&self.shared.socket, &self.reply, Some(to), Some(self.stop)) {
-            self.shared.counters.send_errors.fetch_add(1, Relaxed);
+            counters.send_errors.fetch_add(1, Relaxed);
             throttled!(self.warnings, warn, target: LOG_TARGET, "cannot answer {to}: {e}");
         }
+        true
     }
 }

@@ -1,0 +1,150 @@
+//! What keeps one forged datagram from starting a loop (the Loop DoS class, CVE-2024-2169):
+//! the server never answers itself or another server, and the replies it sends without relaying
+//! (challenges, welcomes) are rate-limited per source IP and in total, so that a loop some
+//! future change might allow is still bounded by construction.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::net;
+use crate::protocol;
+use crate::ratelimit::{Bucket, RateLimiter};
+
+/// Replies (challenges and welcomes) a second to one source IP, in bursts of as many: enough for
+/// 1,000 clients behind one NAT to register at once (two replies each).
+pub const REPLIES_PER_IP: f64 = 2_000.0;
+/// Replies a second in all, in bursts of as many.
+pub const REPLIES_TOTAL: f64 = 20_000.0;
+/// Source IPs whose reply budget is tracked at most; past it a new one gets no reply until the
+/// table is swept (a second later), so a flood of forged sources cannot grow it without bound.
+const REPLY_SOURCES: usize = 65_536;
+/// How long a reading of the host's addresses is trusted.
+const ADDRESSES_TTL: Duration = Duration::from_secs(1);
+
+/// Why a datagram was dropped as the start of a loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Loop {
+    /// Its source is one of this server's own addresses.
+    Own,
+    /// It is what a server sends (`ack:`, `end`, a challenge or a welcome): no client sends it.
+    ServerOutput,
+}
+
+/// Tells datagrams that could start a loop. Reading the host's addresses costs a system call, so
+/// it happens only for a datagram from this server's own port, at most once a second.
+pub(super) struct LoopGuard {
+    bound: SocketAddr,
+    /// The host's addresses and when they were read, for a wildcard bind.
+    host: Option<(Vec<IpAddr>, Instant)>,
+}
+
+impl LoopGuard {
+    pub(super) fn new(bound: SocketAddr) -> Self {
+        LoopGuard { bound, host: None }
+    }
+
+    pub(super) fn check(&mut self, data: &[u8], from: SocketAddr, now: Instant) -> Option<Loop> {
+        if from.port() == self.bound.port() && self.is_own_ip(from.ip(), now) {
+            Some(Loop::Own)
+        } else if protocol::is_server_output(data) {
+            Some(Loop::ServerOutput)
+        } else {
+            None
+        }
+    }
+
+    /// True if a datagram from `ip` and this server's port could have come from this server's
+    /// socket: its bound address, or with a wildcard bind, any address of the host (all of
+    /// 127.0.0.0/8 and ::1 included, which reach a wildcard socket without being listed).
+    fn is_own_ip(&mut self, ip: IpAddr, now: Instant) -> bool {
+        let (ip, bound) = (ip.to_canonical(), self.bound.ip().to_canonical());
+        if !bound.is_unspecified() {
+            return ip == bound;
+        }
+        if ip.is_loopback() {
+            return true;
+        }
+        let stale = self
+            .host
+            .as_ref()
+            .is_none_or(|(_, read)| now.saturating_duration_since(*read) >= ADDRESSES_TTL);
+        if stale {
+            // Unreadable, the host is taken to have no other address: loopback is still covered.
+            let ips = net::local_ips().unwrap_or_default();
+            self.host = Some((ips.into_iter().map(|ip| ip.to_canonical()).collect(), now));
+        }
+        self.host.as_ref().is_some_and(|(ips, _)| ips.contains(&ip))
+    }
+}
+
+/// The budget of replies that are not relays.
+pub(super) struct ReplyLimit {
+    per_ip: RateLimiter,
+    total: Bucket,
+}
+
+impl ReplyLimit {
+    pub(super) fn new(now: Instant) -> Self {
+        ReplyLimit {
+            per_ip: RateLimiter::new(REPLIES_PER_IP, REPLY_SOURCES),
+            total: Bucket::full(REPLIES_TOTAL, now),
+        }
+    }
+
+    /// Takes one reply to `ip` from the budget; false if there is none left.
+    pub(super) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        self.per_ip.allow(ip, now) && self.total.take(REPLIES_TOTAL, REPLIES_TOTAL, now)
+    }
+
+    pub(super) fn sweep(&mut self, now: Instant) {
+        self.per_ip.sweep(now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_addresses_for_a_specific_and_a_wildcard_bind() {
+        let now = Instant::now();
+        let mut specific = LoopGuard::new("127.0.0.1:9998".parse().unwrap());
+        let mut wildcard = LoopGuard::new("[::]:9998".parse().unwrap());
+        let own = |g: &mut LoopGuard, from: &str| g.check(b"reg", from.parse().unwrap(), now);
+        assert_eq!(own(&mut specific, "127.0.0.1:9998"), Some(Loop::Own));
+        assert_eq!(
+            own(&mut specific, "[::ffff:127.0.0.1]:9998"),
+            Some(Loop::Own)
+        );
+        assert_eq!(own(&mut specific, "127.0.0.2:9998"), None);
+        assert_eq!(own(&mut specific, "127.0.0.1:9999"), None);
+        for from in [
+            "127.0.0.1:9998",
+            "127.9.8.7:9998",
+            "[::1]:9998",
+            "[::ffff:127.0.0.2]:9998",
+        ] {
+            assert_eq!(own(&mut wildcard, from), Some(Loop::Own), "{from}");
+        }
+        assert_eq!(own(&mut wildcard, "[::1]:9999"), None);
+        assert_eq!(own(&mut wildcard, "192.0.2.1:9998"), None); // TEST-NET-1: never local
+    }
+
+    #[test]
+    fn replies_are_limited_per_ip_and_in_total() {
+        let t0 = Instant::now();
+        let mut limit = ReplyLimit::new(t0);
+        let one: IpAddr = "10.0.0.1".parse().unwrap();
+        let granted = (0..3 * REPLIES_PER_IP as usize)
+            .filter(|_| limit.allow(one, t0))
+            .count();
+        assert_eq!(granted, REPLIES_PER_IP as usize);
+        let mut granted_total = granted;
+        for i in 0..30_000u32 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            granted_total += usize::from(limit.allow(ip, t0));
+        }
+        assert_eq!(granted_total, REPLIES_TOTAL as usize);
+        assert!(limit.allow(one, t0 + Duration::from_secs(1)));
+    }
+}
