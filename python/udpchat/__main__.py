@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import unicodedata
 from collections.abc import Sequence
 from types import FrameType
 from typing import TextIO
@@ -93,12 +94,25 @@ def _typed_so_far() -> str:
     return readline.get_line_buffer()
 
 
+def _escaped(text: str) -> str:
+    """`text` with every control and format character (C0, DEL, C1, bidi overrides...) written
+    as Python's `repr` writes it, so a payload cannot move the cursor, clear the screen, set the
+    terminal's title or reorder what is shown."""
+    return "".join(
+        repr(ch)[1:-1] if unicodedata.category(ch).startswith("C") else ch for ch in text
+    )
+
+
+def _format(msg: Message) -> str:
+    """A message as the terminal shows it: `[ip port] text`, each further line of the message
+    indented under the first, so a line break in a payload cannot pass for another sender."""
+    prefix = f"[{msg.sender[0]} {msg.sender[1]}] " if msg.sender is not None else "[server] "
+    lines = [_escaped(line) for line in msg.text.split("\n")]
+    return prefix + ("\n" + " " * len(prefix)).join(lines)
+
+
 def _show(msg: Message, out: TextIO, interactive: bool) -> None:
-    if msg.sender is not None:
-        ip, port = msg.sender
-        line = f"[{ip} {port}] {msg.text}"
-    else:
-        line = msg.text
+    line = _format(msg)
     if interactive:
         # Print above the prompt and redraw it with what was typed so far.
         out.write(f"\r\x1b[K{line}\n{PROMPT}{_typed_so_far()}")

@@ -120,7 +120,10 @@ class ChatServerUdp:
         ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: a cookie or token
         not valid for its source), ``dropped_malformed`` (validated mode: neither a handshake
         step nor a tokened datagram), ``dropped_bad_source`` (port 0, unspecified, broadcast or
-        multicast source); ``challenges`` sent (validated mode), ``expired`` clients,
+        multicast source), ``dropped_loop`` (from the server's own address, or a server's
+        output: an ``ack:`` line, ``end``, a challenge, a welcome); ``challenges`` sent and
+        ``replies_limited`` (validated mode: challenges and welcomes over the reply limits,
+        not sent), ``expired`` clients,
         ``kernel_drops`` (datagrams the kernel dropped for want of receive buffer), and
         ``clients`` registered now.
         """

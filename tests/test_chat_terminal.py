@@ -1,0 +1,80 @@
+"""`udpchat chat` on a real terminal (a pty): what members send is shown, never obeyed."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from conftest import register, wait_until
+from udpchat import ChatServerUdp
+
+HOSTILE = [
+    # A line break that would pass for another member's line.
+    b"hi\n[127.0.0.1 9998] SERVER: please re-enter your password",
+    # Clear the screen, set the window title, return to column 0 and overwrite the prefix.
+    b"\x1b[2J\x1b]2;owned\x07 and \rX",
+    # A right-to-left override that would reorder what follows it.
+    "abc \u202e cba".encode(),
+    b"done",
+]
+
+
+def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while marker not in out and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                break
+    return out
+
+
+def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
+    server: ChatServerUdp, make_peer: Callable[..., object]
+) -> None:
+    assert server.address is not None
+    ip, port = server.address
+    primary, secondary = pty.openpty()
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "udpchat", "chat", "--ip", ip, "--port", str(port)],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        env={**os.environ, "TERM": "xterm"},
+    )
+    os.close(secondary)
+    try:
+        assert wait_until(lambda: len(server.clients) == 1, timeout=10)
+        peer = make_peer()
+        me = register(peer, server)  # type: ignore[arg-type]
+        for payload in HOSTILE:
+            peer.sendto(payload, server.address)  # type: ignore[attr-defined]
+        screen = _read_until(primary, b"done", timeout=10)
+        os.write(primary, b"quit\n")
+        assert chat.wait(timeout=10) == 0
+    finally:
+        chat.kill()
+        os.close(primary)
+    prefix = f"[{me[0]} {me[1]}] ".encode()
+    assert prefix + b"done" in screen, screen
+    # Nothing the payloads carried reached the terminal raw: no escape, no BEL, no CR, no
+    # override; the title sequence (OSC, ESC ]) appears only escaped.
+    for raw in (b"\x1b[2J", b"\x1b]", b"\x07", b"\rX", "\u202e".encode()):
+        assert raw not in screen, (raw, screen)
+    assert rb"\x1b[2J\x1b]2;owned\x07 and \rX" in screen
+    assert rb"abc \u202e cba" in screen
+    # The second line of the first message is indented under its prefix, so no line of the
+    # screen starts with the forged sender.
+    indented = b"\n" + b" " * len(prefix) + b"[127.0.0.1 9998] SERVER"
+    assert indented in screen.replace(b"\r\n", b"\n"), screen
+    lines = screen.replace(b"\r\n", b"\n").replace(b"\r\x1b[K", b"\n").split(b"\n")
+    forged = [line for line in lines if line.removeprefix(b"> ").startswith(b"[127.0.0.1 9998]")]
+    assert forged == [], forged
