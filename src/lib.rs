@@ -11,6 +11,7 @@ mod auth;
 pub mod client;
 pub mod error;
 pub mod lifecycle;
+pub mod logs;
 mod net;
 pub mod protocol;
 mod ratelimit;

@@ -287,13 +287,13 @@ fn no_pairing_of_two_servers_loops_on_any_forged_datagram() {
                 let (member_b, _) = client(&b, &mut rx_b);
                 drain(&member_a);
                 drain(&member_b);
-                // The forgery reaches one server "from" the other.
-                let (to, from) = if a_first {
-                    (&mut rx_a, &b)
-                } else {
-                    (&mut rx_b, &a)
-                };
-                feed(to, &trigger, from.shared.local);
+                // The forgery reaches one server "from" the other, or each from the other.
+                if to_a {
+                    feed(&mut rx_a, &trigger, b.shared.local);
+                }
+                if to_b {
+                    feed(&mut rx_b, &trigger, a.shared.local);
+                }
                 let received = pump(&mut [(&a, rx_a), (&b, rx_b)]);
                 let case = format!(
                     "a validate={validate_a}, b validate={validate_b}, {name} to a {to_a} to b {to_b}"
