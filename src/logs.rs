@@ -136,8 +136,15 @@ mod tests {
             })
             .collect();
         // Other tests log into the same channel meanwhile: what got through is a prefix, in order.
-        assert!(got.len() <= CAPACITY && got.len() > CAPACITY / 2, "{}", got.len());
-        assert!(got.iter().enumerate().all(|(i, m)| *m == format!("record {i}")));
+        assert!(
+            got.len() <= CAPACITY && got.len() > CAPACITY / 2,
+            "{}",
+            got.len()
+        );
+        assert!(got
+            .iter()
+            .enumerate()
+            .all(|(i, m)| *m == format!("record {i}")));
         assert!(take_dropped() >= 10);
         assert!(
             !flush(Duration::from_millis(10)),

@@ -17,6 +17,12 @@ from typing import TextIO
 from ._udpchat import ChatClientUdp, ChatServerUdp, Message, __version__
 
 PROMPT = "> "
+# Sent by `chat`'s printing thread to its main thread when the server ends the chat.
+WAKE_SIGNAL = signal.SIGUSR1
+
+
+class _ServerEnded(Exception):
+    """Raised in `chat`'s main thread, waiting for input, when the server has ended the chat."""
 
 
 def _interval(text: str) -> float:
@@ -131,38 +137,51 @@ def chat(ip: str, port: int, interval: float) -> int:
     client = ChatClientUdp(ip, port, interval)
     client.start()
     ended = threading.Event()
+    # Set while the main thread waits in input(): only then does the server's `end` interrupt it.
+    reading = threading.Event()
+
+    def wake(signum: int, frame: FrameType | None) -> None:
+        if reading.is_set():
+            raise _ServerEnded
 
     def show_messages() -> None:
         for msg in client:
             _show(msg, sys.stdout, interactive)
         if not ended.is_set():
-            # The server said `end`: wake the main thread from input() so the program exits.
-            sys.stdout.write(("\r\x1b[K" if interactive else "") + "the server ended the chat\n")
-            sys.stdout.flush()
-            ended.set()
-            # A real signal, so the main thread's blocking read returns EINTR and sees it.
+            # A real signal, so the main thread's blocking read returns EINTR and sees it; its
+            # own (not SIGINT), so it works where SIGINT is ignored and nobody mistakes it for
+            # Ctrl-C.
             main_thread = threading.main_thread().ident
             assert main_thread is not None
-            signal.pthread_kill(main_thread, signal.SIGINT)
+            signal.pthread_kill(main_thread, WAKE_SIGNAL)
 
+    signal.signal(WAKE_SIGNAL, wake)
     printer = threading.Thread(target=show_messages, name="udpchat-chat-print", daemon=True)
-    printer.start()
     try:
-        while client.running:
+        printer.start()
+        while client.running and not ended.is_set():
+            reading.set()
             try:
                 line = input(PROMPT if interactive else "")
             except EOFError:
                 break
+            finally:
+                reading.clear()
             if line.strip() == "quit":
                 break
             if line.strip():
                 client.send(line)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _ServerEnded):
         pass
     finally:
         ended.set()
+        # Not running before stop(): the server ended the chat (or a thread died, logged).
+        by_server = not client.running
         client.stop()
         printer.join(timeout=1.0)
+    if by_server:
+        sys.stdout.write(("\r\x1b[K" if interactive else "") + "the server ended the chat\n")
+        sys.stdout.flush()
     return 0
 
 

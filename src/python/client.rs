@@ -105,8 +105,7 @@ impl ChatClientUdp {
     /// Raises OSError if no socket can be opened, RuntimeError if already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let config = self.config.clone();
-        py.detach(|| self.core.start(|| Client::start(config)))
-            .map_err(to_py)
+        super::start(py, &self.core, || Client::start(config))
     }
 
     /// Sends ``quit``, ends all threads and closes the socket. Idempotent. Raises RuntimeError if a

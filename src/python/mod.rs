@@ -1,6 +1,7 @@
 //! The PyO3 layer: argument checks, type conversion and error mapping. No networking here.
 
 mod client;
+mod logging;
 mod message;
 mod server;
 
@@ -8,10 +9,10 @@ use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyInt;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::error::Error;
+use crate::lifecycle::{Core, Slot};
 
 /// The core's errors as Python exceptions: socket failures as `OSError` with the errno (so
 /// Python picks the subclass, e.g. `PermissionError`), the rest as `RuntimeError`.
@@ -87,6 +88,26 @@ impl Payload {
     }
 }
 
+/// Starts `slot`'s core with the GIL released; its first records reach Python before it returns.
+fn start<T: Core>(
+    py: Python<'_>,
+    slot: &Slot<T>,
+    start: impl FnOnce() -> crate::error::Result<T> + Send,
+) -> PyResult<()> {
+    logging::prepare(py)?;
+    let started = py.detach(|| slot.start(start)).map_err(to_py);
+    logging::flush(py);
+    started
+}
+
+/// Stops `slot`'s core with the GIL released (`keep` sees it stopped); its last records reach
+/// Python before this returns.
+fn stop<T: Core>(py: Python<'_>, slot: &Slot<T>, keep: impl FnOnce(&T) + Send) -> PyResult<()> {
+    let stopped = py.detach(|| slot.stop(keep)).map_err(to_py);
+    logging::flush(py);
+    stopped
+}
+
 /// The methods both classes share, from the fields each has (`core: Slot<_>`, and `ip`, `port`,
 /// `interval` as given) and the `start` and `stop` each defines: the arguments' getters,
 /// `running`, `address`, the context manager and `__repr__`.
@@ -158,24 +179,16 @@ macro_rules! lifecycle_methods {
 }
 use lifecycle_methods;
 
-static LOG_RESET: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
-
-/// Makes udpchat re-read the levels of its `udpchat.*` loggers. udpchat caches them so that a
-/// disabled level costs nothing on the hot path; call this after changing them at run time.
+/// Makes udpchat read the levels of its `udpchat.*` loggers now. It reads them again by itself a
+/// few times a second; this is for a change that must take effect at once.
 #[pyfunction]
-fn reset_log_cache() {
-    if let Some(handle) = LOG_RESET.get() {
-        handle.reset();
-    }
+fn reset_log_cache(py: Python<'_>) -> PyResult<()> {
+    logging::refresh_levels(py)
 }
 
 #[pymodule]
 fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    if let Ok(handle) =
-        pyo3_log::Logger::new(m.py(), pyo3_log::Caching::LoggersAndLevels)?.install()
-    {
-        let _ = LOG_RESET.set(handle);
-    }
+    logging::prepare(m.py())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_DATAGRAM", crate::server::MAX_DATAGRAM)?;
     m.add_class::<server::ChatServerUdp>()?;

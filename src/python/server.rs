@@ -89,18 +89,15 @@ impl ChatServerUdp {
     /// the server is already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let config = self.config.clone();
-        py.detach(|| self.core.start(|| Server::start(config)))
-            .map_err(to_py)
+        super::start(py, &self.core, || Server::start(config))
     }
 
     /// Sends ``end`` to every live client, ends all threads and closes the socket. Idempotent.
     /// Raises RuntimeError if a server thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| {
-            self.core
-                .stop(|core| *lock(&self.final_stats) = core.stats())
+        super::stop(py, &self.core, |core| {
+            *lock(&self.final_stats) = core.stats()
         })
-        .map_err(to_py)
     }
 
     /// Sends ``msg`` to every live client, as a message from the server's own address.

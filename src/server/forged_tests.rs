@@ -71,7 +71,8 @@ fn addr(s: &UdpSocket) -> SocketAddr {
     s.local_addr().unwrap()
 }
 
-/// Everything that reached `s` until it has been quiet for 100 ms.
+/// Everything that reached `s` until it has been quiet for 30 ms (a datagram sent on loopback is
+/// queued at the receiver before `send_to` returns).
 fn drain(s: &UdpSocket) -> Vec<Vec<u8>> {
     let mut got = Vec::new();
     let mut buf = [0u8; 70_000];

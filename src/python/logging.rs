@@ -1,0 +1,137 @@
+//! The logging thread: the one thread that takes the GIL to hand the core's log records to
+//! Python's `logging` (through pyo3-log), so no core thread ever waits for Python. It also keeps
+//! `log::max_level()` equal to the most verbose level a `udpchat` logger wants, re-read a few
+//! times a second, so levels the application sets take effect without its help and a disabled
+//! level costs the core one atomic load.
+
+use crossbeam_channel::{select, tick, Receiver};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::logs::{self, Item};
+
+/// How often levels are read again, and dropped records reported.
+const REFRESH: Duration = Duration::from_millis(200);
+/// How long `start()` and `stop()` wait for their records to reach Python.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
+const THREAD_NAME: &str = "udpchat-log";
+
+/// The process whose logging thread runs; after `fork()` the child has none, and starts its own.
+static THREAD_PID: AtomicU32 = AtomicU32::new(0);
+static RESET: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
+
+/// Reads the levels now, and starts this process's logging thread if it has none.
+pub fn prepare(py: Python<'_>) -> PyResult<()> {
+    let pid = std::process::id();
+    if THREAD_PID.swap(pid, Ordering::AcqRel) == pid {
+        return refresh_levels(py);
+    }
+    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)?;
+    let _ = RESET.set(logger.reset_handle());
+    refresh_levels(py)?;
+    let records = logs::open();
+    std::thread::Builder::new()
+        .name(THREAD_NAME.to_owned())
+        .spawn(move || forward(&records, &logger))
+        .map_err(|e| {
+            pyo3::exceptions::PyOSError::new_err(format!("cannot start {THREAD_NAME}: {e}"))
+        })?;
+    Ok(())
+}
+
+/// Waits, with the GIL released, until the records logged so far have reached Python: so that a
+/// call's own records are there when it returns. Not on the logging thread itself (a handler
+/// calling `stop()`), which would wait for itself.
+pub fn flush(py: Python<'_>) {
+    if std::thread::current().name() != Some(THREAD_NAME) {
+        py.detach(|| logs::flush(FLUSH_WAIT));
+    }
+}
+
+fn forward(records: &Receiver<Item>, logger: &pyo3_log::Logger) {
+    let refresh = tick(REFRESH);
+    loop {
+        let attached = select! {
+            recv(records) -> item => match item {
+                Ok(Item::Record(record)) => Python::try_attach(|py| {
+                    record.log_to(logger);
+                    // A handler that raised must not take the thread down, nor be lost.
+                    if let Some(e) = PyErr::take(py) {
+                        e.write_unraisable(py, None);
+                    }
+                }),
+                Ok(Item::Flush(done)) => {
+                    let _ = done.send(());
+                    Some(())
+                }
+                Err(_) => return, // replaced after fork
+            },
+            recv(refresh) -> _ => Python::try_attach(|py| {
+                if let Err(e) = refresh_levels(py) {
+                    e.write_unraisable(py, None);
+                }
+                report_dropped(logger);
+            }),
+        };
+        if attached.is_none() {
+            return; // the interpreter is shutting down
+        }
+    }
+}
+
+/// Sets `log::max_level()` to the most verbose level enabled for `udpchat` or any of its
+/// children that exist, and makes pyo3-log read each logger's level again.
+pub fn refresh_levels(py: Python<'_>) -> PyResult<()> {
+    let logging = py.import("logging")?;
+    let mut names = vec![PyString::new(py, "udpchat").into_any()];
+    let existing = logging
+        .getattr("Logger")?
+        .getattr("manager")?
+        .getattr("loggerDict")?
+        .cast_into::<PyDict>()?;
+    for name in existing.keys() {
+        if name.extract::<&str>()?.starts_with("udpchat.") {
+            names.push(name);
+        }
+    }
+    let mut most = usize::MAX;
+    for name in names {
+        let level: usize = logging
+            .call_method1("getLogger", (name,))?
+            .call_method0("getEffectiveLevel")?
+            .extract()?;
+        most = most.min(level);
+    }
+    // Python's levels: 10 DEBUG, 20 INFO, 30 WARNING, 40 ERROR, 50 CRITICAL; 0 (NOTSET) on
+    // the root only, where it means everything.
+    log::set_max_level(match most {
+        0..=9 => log::LevelFilter::Trace,
+        10..=19 => log::LevelFilter::Debug,
+        20..=29 => log::LevelFilter::Info,
+        30..=39 => log::LevelFilter::Warn,
+        40..=49 => log::LevelFilter::Error,
+        _ => log::LevelFilter::Off,
+    });
+    if let Some(reset) = RESET.get() {
+        reset.reset();
+    }
+    Ok(())
+}
+
+fn report_dropped(logger: &pyo3_log::Logger) {
+    let dropped = logs::take_dropped();
+    if dropped > 0 {
+        logs::Record {
+            level: log::Level::Warn,
+            target: "udpchat".to_owned(),
+            message: format!("{dropped} log records dropped: Python did not take them in time"),
+            module_path: Some(module_path!()),
+            file: Some(file!()),
+            line: Some(line!()),
+        }
+        .log_to(logger);
+    }
+}
