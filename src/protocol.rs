@@ -197,6 +197,19 @@ pub fn parse_ack(datagram: &[u8]) -> Option<Ack<'_>> {
     })
 }
 
+/// What an open-mode server reads of a datagram: a validated-mode client's `{token} {body}` is
+/// read as its body and its `reg {cookie}` as `reg`. So a client that believes its server
+/// validates (the server restarted in open mode, or a forged challenge or welcome reached it)
+/// goes on working, and its handshake is never relayed as a chat message. (A chat message that
+/// starts with 32 hex digits and a space loses them.)
+pub fn open_body(data: &[u8]) -> &[u8] {
+    match classify_validated(data) {
+        Validated::Tokened { body, .. } => body,
+        Validated::Answer(_) => REG,
+        Validated::Hello | Validated::Other => data,
+    }
+}
+
 /// True for what a udpchat server sends and a client never does: an `ack:` line, `end` (plain
 /// or keyed), a challenge or a welcome. A server that receives one is talking to another server
 /// (or to itself, through a forged source), and answering it could start a loop.
@@ -346,6 +359,25 @@ mod tests {
                 !is_server_output(client),
                 "{:?}",
                 String::from_utf8_lossy(client)
+            );
+        }
+    }
+
+    #[test]
+    fn an_open_server_reads_a_validated_clients_datagrams() {
+        let token = "0123456789abcdef0123456789ABCDEF";
+        let cases: [(String, &[u8]); 5] = [
+            (format!("{token} ^hb^                         "), HEARTBEAT),
+            (format!("{token} hello there"), b"hello there"),
+            (format!("reg {}", token.to_lowercase()), REG),
+            ("reg".to_owned(), REG),
+            ("1234 not a token".to_owned(), b"1234 not a token"),
+        ];
+        for (datagram, read) in cases {
+            assert_eq!(
+                classify(open_body(datagram.as_bytes())),
+                classify(read),
+                "{datagram}"
             );
         }
     }

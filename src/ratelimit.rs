@@ -1,8 +1,9 @@
-//! Per-source token buckets: each IP address may send `rate` datagrams a second, in bursts of up
-//! to one second's worth. Used by the receiver thread alone, so no lock.
+//! Per-source token buckets: each source (an IP address, or an IP address and port) may have
+//! `rate` datagrams a second, in bursts of up to one second's worth. Used by the receiver thread
+//! alone, so no lock.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::Hash;
 use std::time::Instant;
 
 /// One source's tokens: refilled at a rate, up to a burst.
@@ -35,17 +36,17 @@ impl Bucket {
 }
 
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K> {
     rate: f64,
     burst: f64,
-    /// Sources tracked at most; past it, a source not yet tracked is refused, so a flood from
-    /// spoofed addresses cannot grow the table without bound.
+    /// Sources tracked at most, so a flood from spoofed addresses cannot grow the table without
+    /// bound; what becomes of a new source past it is the caller's to say.
     max_sources: usize,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
-impl RateLimiter {
-    pub fn new(rate: f64, max_sources: usize) -> RateLimiter {
+impl<K: Hash + Eq + Copy> RateLimiter<K> {
+    pub fn new(rate: f64, max_sources: usize) -> RateLimiter<K> {
         RateLimiter {
             rate,
             burst: rate.max(1.0),
@@ -54,16 +55,19 @@ impl RateLimiter {
         }
     }
 
-    /// Takes a token for one datagram from `ip`; false if it has none left.
-    pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        if !self.buckets.contains_key(&ip) && self.buckets.len() >= self.max_sources {
-            return false;
+    /// Takes a token for one datagram of `source`: whether it had one, or None if it is not
+    /// tracked and the table is full.
+    pub fn allow(&mut self, source: K, now: Instant) -> Option<bool> {
+        if !self.buckets.contains_key(&source) && self.buckets.len() >= self.max_sources {
+            return None;
         }
         let (rate, burst) = (self.rate, self.burst);
-        self.buckets
-            .entry(ip)
-            .or_insert_with(|| Bucket::full(burst, now))
-            .take(rate, burst, now)
+        Some(
+            self.buckets
+                .entry(source)
+                .or_insert_with(|| Bucket::full(burst, now))
+                .take(rate, burst, now),
+        )
     }
 
     /// Forgets sources whose buckets have refilled: tracking them changes nothing.
@@ -83,30 +87,39 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
     use std::time::Duration;
 
     #[test]
     fn a_burst_then_the_rate() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let other: IpAddr = "127.0.0.2".parse().unwrap();
-        let mut limiter = RateLimiter::new(10.0, 100);
+        let mut limiter = RateLimiter::<IpAddr>::new(10.0, 100);
         let t0 = Instant::now();
-        let allowed = (0..30).filter(|_| limiter.allow(ip, t0)).count();
+        let allowed = (0..30)
+            .filter(|_| limiter.allow(ip, t0) == Some(true))
+            .count();
         assert_eq!(allowed, 10); // one second's worth at once
-        assert!(limiter.allow(other, t0)); // sources are independent
-        assert!(!limiter.allow(ip, t0 + Duration::from_millis(50)));
-        assert!(limiter.allow(ip, t0 + Duration::from_millis(150)));
+        assert_eq!(limiter.allow(other, t0), Some(true)); // sources are independent
+        assert_eq!(
+            limiter.allow(ip, t0 + Duration::from_millis(50)),
+            Some(false)
+        );
+        assert_eq!(
+            limiter.allow(ip, t0 + Duration::from_millis(150)),
+            Some(true)
+        );
         limiter.sweep(t0 + Duration::from_secs(5));
         assert_eq!(limiter.sources(), 0);
     }
 
     #[test]
     fn the_table_of_sources_is_bounded() {
-        let mut limiter = RateLimiter::new(1.0, 2);
+        let mut limiter = RateLimiter::<IpAddr>::new(1.0, 2);
         let t0 = Instant::now();
-        assert!(limiter.allow("10.0.0.1".parse().unwrap(), t0));
-        assert!(limiter.allow("10.0.0.2".parse().unwrap(), t0));
-        assert!(!limiter.allow("10.0.0.3".parse().unwrap(), t0));
+        assert_eq!(limiter.allow("10.0.0.1".parse().unwrap(), t0), Some(true));
+        assert_eq!(limiter.allow("10.0.0.2".parse().unwrap(), t0), Some(true));
+        assert_eq!(limiter.allow("10.0.0.3".parse().unwrap(), t0), None);
         assert_eq!(limiter.sources(), 2);
     }
 }

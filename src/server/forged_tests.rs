@@ -308,3 +308,63 @@ fn no_pairing_of_two_servers_loops_on_any_forged_datagram() {
         }
     }
 }
+
+#[test]
+fn a_validated_server_never_loops_with_a_service_that_answers_everything() {
+    // Services of the kind Loop DoS pairs up: each answers every datagram, with at least as many
+    // bytes as a challenge. One forged padded `reg` "from" the service starts the exchange.
+    type Answer = fn(&[u8]) -> Vec<u8>;
+    let services: [(&str, Answer); 3] = [
+        ("echo", |d| d.to_vec()),
+        ("echo with a prefix", |d| [b"ack: ", d].concat()),
+        ("chargen", |_| {
+            b"!\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefgh\r\n"
+                .to_vec()
+        }),
+    ];
+    for (name, answer) in services {
+        let bench = Bench::new(true);
+        let mut rx = bench.receiver();
+        let service = socket();
+        feed(&mut rx, &padded(b"reg"), addr(&service));
+        let mut exchanged = 0;
+        let mut buf = [0u8; 70_000];
+        for _ in 0..100 {
+            let Ok(n) = service.recv(&mut buf) else {
+                break; // the server has stopped answering
+            };
+            exchanged += 1;
+            feed(&mut rx, &answer(&buf[..n]), addr(&service));
+        }
+        assert!(
+            exchanged <= 1,
+            "{name}: {exchanged} datagrams to the service"
+        );
+    }
+}
+
+#[test]
+fn an_open_server_takes_a_bogus_token_as_its_client_meant_it() {
+    // A forged challenge or welcome can make a client of an open server answer a challenge or
+    // prefix a token: the server still reads its heartbeats, quit and messages as meant.
+    let bench = Bench::new(false);
+    let mut rx = bench.receiver();
+    let (member, _) = client(&bench, &mut rx);
+    let confused = socket();
+    let bogus = [b'0'; protocol::TOKEN_LEN];
+    feed(
+        &mut rx,
+        &padded(&[b"reg ", &bogus[..]].concat()),
+        addr(&confused),
+    );
+    feed(&mut rx, &tokened(&bogus, b"^hb^"), addr(&confused));
+    assert!(bench.registered(addr(&confused)));
+    assert!(
+        drain(&member).is_empty(),
+        "a handshake or heartbeat was relayed"
+    );
+    feed(&mut rx, &tokened(&bogus, b"hi"), addr(&confused));
+    assert!(drain(&member)[0].ends_with(b"\nhi\n"));
+    feed(&mut rx, &tokened(&bogus, b"quit"), addr(&confused));
+    assert!(!bench.registered(addr(&confused)));
+}

@@ -1,7 +1,11 @@
 //! What keeps one forged datagram from starting a loop (the Loop DoS class, CVE-2024-2169):
 //! the server never answers itself or another server, and the replies it sends without relaying
-//! (challenges, welcomes) are rate-limited per source IP and in total, so that a loop some
+//! (challenges, welcomes) are rate-limited per source address and in total, so that a loop some
 //! future change might allow is still bounded by construction.
+//!
+//! The budget is per address (IP and port), not per IP: a loop runs between two fixed
+//! addresses, so that bounds it as well, while a per-IP budget would let anyone forging a NAT's
+//! IP from many ports spend it and lock out every real client behind that NAT.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -10,13 +14,15 @@ use crate::net;
 use crate::protocol;
 use crate::ratelimit::{Bucket, RateLimiter};
 
-/// Replies (challenges and welcomes) a second to one source IP, in bursts of as many: enough for
-/// 1,000 clients behind one NAT to register at once (two replies each).
-pub const REPLIES_PER_IP: f64 = 2_000.0;
-/// Replies a second in all, in bursts of as many.
+/// Replies (challenges and welcomes) a second to one address, in bursts of as many: a client's
+/// handshake takes two, one more per heartbeat while its token is stale.
+pub const REPLIES_PER_ADDRESS: f64 = 16.0;
+/// Replies a second in all, in bursts of as many: 1,000 clients registering at once (behind one
+/// NAT or not) take 2,000.
 pub const REPLIES_TOTAL: f64 = 20_000.0;
-/// Source IPs whose reply budget is tracked at most; past it a new one gets no reply until the
-/// table is swept (a second later), so a flood of forged sources cannot grow it without bound.
+/// Addresses whose reply budget is tracked at most. Past it, a new address is held to the total
+/// budget alone until the table is swept (a second later): a flood of forged sources can
+/// neither grow the table without bound nor, by filling it, lock real clients out.
 const REPLY_SOURCES: usize = 65_536;
 /// How long a reading of the host's addresses is trusted.
 const ADDRESSES_TTL: Duration = Duration::from_secs(1);
@@ -79,25 +85,26 @@ impl LoopGuard {
 
 /// The budget of replies that are not relays.
 pub(super) struct ReplyLimit {
-    per_ip: RateLimiter,
+    per_address: RateLimiter<SocketAddr>,
     total: Bucket,
 }
 
 impl ReplyLimit {
     pub(super) fn new(now: Instant) -> Self {
         ReplyLimit {
-            per_ip: RateLimiter::new(REPLIES_PER_IP, REPLY_SOURCES),
+            per_address: RateLimiter::new(REPLIES_PER_ADDRESS, REPLY_SOURCES),
             total: Bucket::full(REPLIES_TOTAL, now),
         }
     }
 
-    /// Takes one reply to `ip` from the budget; false if there is none left.
-    pub(super) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        self.per_ip.allow(ip, now) && self.total.take(REPLIES_TOTAL, REPLIES_TOTAL, now)
+    /// Takes one reply to `to` from the budget; false if there is none left.
+    pub(super) fn allow(&mut self, to: SocketAddr, now: Instant) -> bool {
+        self.per_address.allow(to, now) != Some(false)
+            && self.total.take(REPLIES_TOTAL, REPLIES_TOTAL, now)
     }
 
     pub(super) fn sweep(&mut self, now: Instant) {
-        self.per_ip.sweep(now);
+        self.per_address.sweep(now);
     }
 }
 
@@ -131,20 +138,33 @@ mod tests {
     }
 
     #[test]
-    fn replies_are_limited_per_ip_and_in_total() {
+    fn replies_are_limited_per_address_and_in_total() {
         let t0 = Instant::now();
         let mut limit = ReplyLimit::new(t0);
-        let one: IpAddr = "10.0.0.1".parse().unwrap();
-        let granted = (0..3 * REPLIES_PER_IP as usize)
-            .filter(|_| limit.allow(one, t0))
-            .count();
-        assert_eq!(granted, REPLIES_PER_IP as usize);
-        let mut granted_total = granted;
+        let one: SocketAddr = "10.0.0.1:5000".parse().unwrap();
+        let granted = (0..100).filter(|_| limit.allow(one, t0)).count();
+        assert_eq!(granted, REPLIES_PER_ADDRESS as usize);
+        // Other ports of the same IP, as behind a NAT, have budgets of their own.
+        let neighbour: SocketAddr = "10.0.0.1:5001".parse().unwrap();
+        assert!(limit.allow(neighbour, t0));
+        let mut granted_total = granted + 1;
         for i in 0..30_000u32 {
-            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
-            granted_total += usize::from(limit.allow(ip, t0));
+            let to = SocketAddr::new(std::net::Ipv4Addr::from(0x0b00_0000 + i).into(), 9);
+            granted_total += usize::from(limit.allow(to, t0));
         }
         assert_eq!(granted_total, REPLIES_TOTAL as usize);
         assert!(limit.allow(one, t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_full_table_leaves_new_addresses_to_the_total_budget() {
+        let t0 = Instant::now();
+        let mut limit = ReplyLimit::new(t0);
+        for i in 0..REPLY_SOURCES as u32 {
+            let to = SocketAddr::new(std::net::Ipv4Addr::from(0x0b00_0000 + i).into(), 9);
+            limit.per_address.allow(to, t0);
+        }
+        let late: SocketAddr = "10.9.9.9:9".parse().unwrap();
+        assert!(limit.allow(late, t0 + Duration::from_secs(1)));
     }
 }

@@ -3,7 +3,7 @@
 
 use crossbeam_channel::{select, Sender};
 use log::info;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ pub(super) struct Receive<'a> {
     fanout: &'a Sender<Job>,
     job: Job,
     /// The per-source rate limiter (`rate_limit`).
-    limiter: Option<RateLimiter>,
+    limiter: Option<RateLimiter<IpAddr>>,
     /// When the rate limiters were last swept.
     swept: Instant,
     guard: LoopGuard,
@@ -144,7 +144,9 @@ impl net::Handler for Receive<'_> {
             return;
         }
         if let Some(limiter) = &mut self.limiter {
-            if !limiter.allow(from.ip(), now) {
+            // A new source past the table's bound is refused: a flood of spoofed sources cannot
+            // buy room.
+            if limiter.allow(from.ip(), now) != Some(true) {
                 counters.dropped_rate_limited.fetch_add(1, Relaxed);
                 return;
             }
@@ -161,7 +163,7 @@ impl net::Handler for Receive<'_> {
             return;
         }
         match &shared.keys {
-            None => self.open(data, from, now),
+            None => self.open(protocol::open_body(data), from, now),
             Some(keys) => self.validated(keys, data, from, now),
         }
     }

@@ -9,7 +9,7 @@ use super::receive::Receive;
 use super::LOG_TARGET;
 use crate::auth::Keys;
 use crate::net;
-use crate::protocol::{self, Validated};
+use crate::protocol::{self, Datagram, Validated};
 use crate::throttle::throttled;
 
 impl Receive<'_> {
@@ -27,21 +27,30 @@ impl Receive<'_> {
             Validated::Tokened { token, body } if keys.check_token(from, token) => {
                 self.open(body, from, now)
             }
-            other => {
-                let counters = &self.shared.counters;
-                let counter = match other {
-                    Validated::Other => &counters.dropped_malformed,
-                    _ => &counters.dropped_unvalidated,
-                };
-                counter.fetch_add(1, Relaxed);
-                // A client whose token is stale (the server restarted) learns so and registers
-                // again; the challenge is never longer than what came in.
+            Validated::Other => {
+                self.shared.counters.dropped_malformed.fetch_add(1, Relaxed);
+                // A client that has no token yet (its `reg` or the challenge was lost) sends
+                // padded heartbeats: it gets a challenge. Nothing else that is not a handshake
+                // step or tokened is answered: a service that answers everything (chargen, an
+                // echo with a prefix) would otherwise keep a loop going, one challenge per reply.
+                if protocol::classify(data) == Datagram::Heartbeat {
+                    self.challenge(keys, data.len(), from, now);
+                }
+            }
+            Validated::Answer(_) | Validated::Tokened { .. } => {
+                self.shared
+                    .counters
+                    .dropped_unvalidated
+                    .fetch_add(1, Relaxed);
+                // A client whose cookie expired, or whose token is stale (the server restarted),
+                // learns so and registers again.
                 self.challenge(keys, data.len(), from, now);
             }
         }
     }
 
-    /// Sends a challenge, keeping no state, and only in reply to at least as many bytes.
+    /// Sends a challenge, keeping no state, and only in reply to at least as many bytes (never
+    /// more than came in).
     fn challenge(&mut self, keys: &Keys, received: usize, from: SocketAddr, now: Instant) {
         if received < protocol::CHALLENGE_LEN {
             return;
@@ -60,7 +69,7 @@ impl Receive<'_> {
     /// Sends `reply` to `to` if the reply limits allow; false if they did not.
     fn send_reply(&mut self, to: SocketAddr, now: Instant) -> bool {
         let counters = &self.shared.counters;
-        if !self.replies.allow(to.ip(), now) {
+        if !self.replies.allow(to, now) {
             counters.replies_limited.fetch_add(1, Relaxed);
             return false;
         }
