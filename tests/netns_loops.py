@@ -20,8 +20,8 @@ IP = "127.0.0.1"
 OTHER_LOCAL_IP = "10.9.9.9"
 # How long traffic may go on after a forgery, and how long it is then watched for more.
 SETTLE, WATCH = 1.0, 0.5
-# Forged datagrams in the reply flood: five times what one source IP may be answered in a second.
-FLOOD = 10_000
+# Forged datagrams in the reply flood from one address.
+FLOOD = 2_000
 
 
 def _ack() -> bytes:
@@ -158,12 +158,12 @@ def wildcard() -> dict[str, Any]:
 
 
 def reply_flood() -> dict[str, Any]:
-    """Padded `reg`s from one forged source IP, many ports, as fast as this loop sends them."""
+    """Padded `reg`s forged from one address, as fast as this loop sends them."""
     with ChatServerUdp(IP, 0, validate=True) as server:
         assert server.address is not None
         t0 = time.monotonic()
         for i in range(FLOOD):
-            forge(("127.0.0.7", 1024 + i), server.address, b"reg".ljust(64))
+            forge(("127.0.0.7", 4000), server.address, b"reg".ljust(64))
             if i % 50 == 49:
                 time.sleep(0.001)  # paced, so a stock-sized socket buffer keeps most of them
         time.sleep(0.2)

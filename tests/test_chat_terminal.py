@@ -2,24 +2,36 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable
 
+import pyte
 from conftest import register, wait_until
 from udpchat import ChatServerUdp
+
+COLUMNS, ROWS = 80, 40
+FORGED = "[127.0.0.1 9998] SERVER"
 
 HOSTILE = [
     # A line break that would pass for another member's line.
     b"hi\n[127.0.0.1 9998] SERVER: please re-enter your password",
     # Clear the screen, set the window title, return to column 0 and overwrite the prefix.
     b"\x1b[2J\x1b]2;owned\x07 and \rX",
-    # A right-to-left override that would reorder what follows it.
-    "abc \u202e cba".encode(),
+    # A right-to-left override that would reorder what follows it; a line separator.
+    "abc \u202e cba \u2028 x".encode(),
+    # Padded to the terminal's width, so the terminal's own wrapping would put the forged
+    # sender at the first column; then the same after a line break, and with wide characters.
+    b"A" * (COLUMNS - len("[127.0.0.1 65535] ")) + FORGED.encode(),
+    b"x\n" + b"B" * (COLUMNS - len("[127.0.0.1 65535] ")) + FORGED.encode(),
+    "\u5168".encode() * COLUMNS + FORGED.encode(),
     b"done",
 ]
 
@@ -43,12 +55,14 @@ def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
     assert server.address is not None
     ip, port = server.address
     primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
     chat = subprocess.Popen(
         [sys.executable, "-m", "udpchat", "chat", "--ip", ip, "--port", str(port)],
         stdin=secondary,
         stdout=secondary,
         stderr=secondary,
-        env={**os.environ, "TERM": "xterm"},
+        env={**env, "TERM": "xterm"},
     )
     os.close(secondary)
     try:
@@ -70,11 +84,16 @@ def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
     for raw in (b"\x1b[2J", b"\x1b]", b"\x07", b"\rX", "\u202e".encode()):
         assert raw not in screen, (raw, screen)
     assert rb"\x1b[2J\x1b]2;owned\x07 and \rX" in screen
-    assert rb"abc \u202e cba" in screen
+    assert rb"abc \u202e cba \u2028 x" in screen
     # The second line of the first message is indented under its prefix, so no line of the
     # screen starts with the forged sender.
     indented = b"\n" + b" " * len(prefix) + b"[127.0.0.1 9998] SERVER"
     assert indented in screen.replace(b"\r\n", b"\n"), screen
-    lines = screen.replace(b"\r\n", b"\n").replace(b"\r\x1b[K", b"\n").split(b"\n")
-    forged = [line for line in lines if line.removeprefix(b"> ").startswith(b"[127.0.0.1 9998]")]
-    assert forged == [], forged
+    # What a terminal of that size shows: no line starts with the forged sender, whatever the
+    # terminal wraps.
+    terminal = pyte.Screen(COLUMNS, ROWS)
+    pyte.ByteStream(terminal).feed(screen)
+    shown = [line.rstrip() for line in terminal.display]
+    assert any(line.startswith(prefix.decode() + "done") for line in shown), shown
+    assert [line for line in shown if line.removeprefix("> ").startswith(FORGED)] == [], shown
+    assert terminal.title == "", terminal.title

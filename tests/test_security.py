@@ -164,7 +164,8 @@ def test_an_unvalidated_message_is_never_relayed(
     assert copies == 0
     assert server.stats()["dropped_unvalidated"] == 1  # the token-shaped one
     assert server.stats()["dropped_malformed"] == 2
-    # Only challenges went back, one per datagram long enough to carry one.
+    # Only a challenge went back, to the stale-token-shaped one: a validated server answers
+    # nothing else that is not a handshake step or a heartbeat (no loop with a chatty service).
     replies = []
     stranger.settimeout(0.2)
     try:
@@ -172,7 +173,7 @@ def test_an_unvalidated_message_is_never_relayed(
             replies.append(stranger.recv(100))
     except TimeoutError:
         pass
-    assert all(r.startswith(b"challenge ") for r in replies) and len(replies) == 2
+    assert all(r.startswith(b"challenge ") for r in replies) and len(replies) == 1
     for c in clients:
         assert c.recv(0) is None
 

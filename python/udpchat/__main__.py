@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import ipaddress
 import logging
+import shutil
 import signal
 import sys
 import threading
@@ -101,24 +102,56 @@ def _typed_so_far() -> str:
 
 
 def _escaped(text: str) -> str:
-    """`text` with every control and format character (C0, DEL, C1, bidi overrides...) written
-    as Python's `repr` writes it, so a payload cannot move the cursor, clear the screen, set the
-    terminal's title or reorder what is shown."""
+    """`text` with every control and format character (C0, DEL, C1, bidi overrides...), line and
+    paragraph separator and backslash written as Python's `repr` writes it, so a payload cannot
+    move the cursor, clear the screen, set the terminal's title, reorder or break what is shown,
+    nor pass text for an escape."""
     return "".join(
-        repr(ch)[1:-1] if unicodedata.category(ch).startswith("C") else ch for ch in text
+        repr(ch)[1:-1] if ch == "\\" or (unicodedata.category(ch)[0] in "CZ" and ch != " ") else ch
+        for ch in text
     )
 
 
-def _format(msg: Message) -> str:
+def _columns(ch: str) -> int:
+    """The columns a terminal gives `ch`: 2 for East Asian wide, 0 for combining marks."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) == "Me":
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+
+
+def _wrap(line: str, width: int) -> list[str]:
+    """`line` cut into pieces of at most `width` columns (at least one character each)."""
+    pieces, piece, used = [], "", 0
+    for ch in line:
+        w = _columns(ch)
+        if piece and used + w > width:
+            pieces.append(piece)
+            piece, used = "", 0
+        piece, used = piece + ch, used + w
+    return [*pieces, piece]
+
+
+def _format(msg: Message, width: int | None = None) -> str:
     """A message as the terminal shows it: `[ip port] text`, each further line of the message
-    indented under the first, so a line break in a payload cannot pass for another sender."""
+    indented under the first, so a line break in a payload cannot pass for another sender. On a
+    terminal `width` columns wide, lines are wrapped here, each piece indented, rather than left
+    for the terminal to wrap: a payload padded to the width could otherwise start a line of its
+    own at the first column."""
     prefix = f"[{msg.sender[0]} {msg.sender[1]}] " if msg.sender is not None else "[server] "
     lines = [_escaped(line) for line in msg.text.split("\n")]
-    return prefix + ("\n" + " " * len(prefix)).join(lines)
+    indent = len(prefix)
+    if width is not None:
+        # The last column stays empty: some terminals wrap on writing it.
+        indent = min(indent, width // 2)
+        head = _wrap(lines[0], max(width - 1 - len(prefix), 1))[0]
+        tail = lines[0][len(head) :]
+        rest = ([tail] if tail else []) + lines[1:]
+        lines = [head, *(piece for line in rest for piece in _wrap(line, width - 1 - indent))]
+    return prefix + ("\n" + " " * indent).join(lines)
 
 
 def _show(msg: Message, out: TextIO, interactive: bool) -> None:
-    line = _format(msg)
+    line = _format(msg, shutil.get_terminal_size().columns if out.isatty() else None)
     if interactive:
         # Print above the prompt and redraw it with what was typed so far.
         out.write(f"\r\x1b[K{line}\n{PROMPT}{_typed_so_far()}")
