@@ -1,12 +1,13 @@
 //! The chat client: registers with `reg`, heartbeats every `interval` from its own thread, and
-//! hands every datagram from the server to the caller through a bounded channel.
+//! hands every datagram from the server to the caller through a queue of at most `max_queue`
+//! messages, whose memory follows what it holds.
 //!
 //! It follows a validated-mode server without being told: its `reg`, heartbeats and `quit` are
 //! padded (open servers strip the padding), so such a server can answer with a challenge; the
 //! client returns the cookie, receives its token, and from then on every datagram carries it.
 //! Messages sent before the token came are sent again with it.
 
-use crossbeam_channel::{select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{select, Receiver, Sender};
 use log::{info, warn};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,7 +36,8 @@ pub struct ClientConfig {
     pub server: SocketAddr,
     /// Seconds between heartbeats.
     pub interval: Duration,
-    /// Messages held for the caller; past this, new ones are dropped and counted.
+    /// Messages held for the caller; past this, new ones are dropped and counted. The queue
+    /// takes memory for what it holds, not for this bound.
     pub max_queue: usize,
 }
 
@@ -142,7 +144,10 @@ impl Client {
             .send(protocol::REG, None)
             .map_err(|e| Error::io(format!("cannot register with {}", config.server), e))?;
         let workers = Workers::new(Self::NAME)?;
-        let (tx, messages) = crossbeam_channel::bounded(config.max_queue);
+        // Unbounded, so nothing is allocated for slots never used; the receiver thread, its only
+        // sender, keeps it to `max_queue`.
+        let (tx, messages) = crossbeam_channel::unbounded();
+        let max_queue = config.max_queue;
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
             workers.spawn("udpchat-cli-rx", move || {
@@ -151,6 +156,7 @@ impl Client {
                     shared: &shared,
                     stop: &stop,
                     tx,
+                    max_queue,
                     full: Throttle::default(),
                     icmp: Throttle::default(),
                 };
@@ -237,7 +243,10 @@ impl Core for Client {
 struct Receive<'a> {
     shared: &'a Shared,
     stop: &'a Stop,
+    /// To the caller. This thread is its only sender, so once it sees room below `max_queue`
+    /// the room stays until it sends: the caller can only take messages out.
     tx: Sender<Vec<u8>>,
+    max_queue: usize,
     full: Throttle,
     icmp: Throttle,
 }
@@ -299,20 +308,18 @@ impl net::Handler for Receive<'_> {
             self.stop.fire();
             return;
         }
-        match self.tx.try_send(data.to_vec()) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                shared.dropped.fetch_add(1, Ordering::Relaxed);
-                throttled!(
-                    self.full,
-                    warn,
-                    "message queue full ({} held): dropped a message",
-                    self.tx.len()
-                );
-            }
-            // The caller's side is never dropped while this thread runs.
-            Err(TrySendError::Disconnected(_)) => {}
+        let held = self.tx.len();
+        if held >= self.max_queue {
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            throttled!(
+                self.full,
+                warn,
+                "message queue full ({held} held): dropped a message"
+            );
+            return;
         }
+        // The caller's side is never dropped while this thread runs, so this cannot fail.
+        let _ = self.tx.send(data.to_vec());
     }
 
     fn icmp(&mut self, e: &std::io::Error) {
