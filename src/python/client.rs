@@ -1,13 +1,13 @@
 use crossbeam_channel::RecvTimeoutError;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::args::{Arg, MAX_QUEUE};
 use super::message::Message;
-use super::{lifecycle_methods, parse_ip, parse_seconds, to_py, Payload, Port};
+use super::{lifecycle_methods, to_py};
 use crate::client::{Client, ClientConfig};
 use crate::lifecycle::Slot;
 
@@ -28,23 +28,14 @@ pub struct ChatClientUdp {
 }
 
 impl ChatClientUdp {
-    /// Waits for the next datagram: with the GIL released, in slices so Ctrl-C is seen promptly.
+    /// Waits up to `timeout` (None: without end) for the next datagram: with the GIL released,
+    /// in slices so Ctrl-C is seen promptly.
     fn wait(
         &self,
         py: Python<'_>,
-        timeout: Option<f64>,
+        timeout: Option<Duration>,
     ) -> PyResult<Option<(Arc<Client>, Vec<u8>)>> {
-        let deadline = match timeout {
-            Some(t) if t.is_nan() || t < 0.0 => {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be >= 0 or None, got {t}"
-                )))
-            }
-            Some(t) => {
-                Instant::now().checked_add(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX))
-            }
-            None => None,
-        };
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let Some(core) = self.core.get() else {
             return Ok(None);
         };
@@ -75,27 +66,22 @@ impl ChatClientUdp {
 impl ChatClientUdp {
     #[new]
     #[pyo3(
-        signature = (ip = "127.0.0.1", port = Port(9998), interval = 5.0, *, max_queue = 4096),
+        signature = (ip = Arg::MISSING, port = Arg::MISSING, interval = Arg::MISSING, *, max_queue = Arg::MISSING),
         text_signature = "(ip='127.0.0.1', port=9998, interval=5.0, *, max_queue=4096)"
     )]
-    fn new(ip: &str, port: Port, interval: f64, max_queue: usize) -> PyResult<Self> {
-        if port.0 == 0 {
-            return Err(PyValueError::new_err(
-                "port must be the server's port, in 1..65535, got 0",
-            ));
-        }
-        if max_queue == 0 {
-            return Err(PyValueError::new_err("max_queue must be at least 1"));
-        }
+    fn new(ip: Arg<'_>, port: Arg<'_>, interval: Arg<'_>, max_queue: Arg<'_>) -> PyResult<Self> {
+        let (ip, addr) = ip.ip("ip", "127.0.0.1")?;
+        let port = port.int("port", 9998, 1, u16::MAX)?;
+        let (given_interval, interval) = interval.interval("interval", 5.0)?;
         Ok(ChatClientUdp {
             config: ClientConfig {
-                server: SocketAddr::new(parse_ip(ip)?, port.0),
-                interval: parse_seconds("interval", interval)?,
-                max_queue,
+                server: SocketAddr::new(addr, port),
+                interval,
+                max_queue: max_queue.int("max_queue", 4096, 1, MAX_QUEUE)?,
             },
-            ip: ip.to_owned(),
-            port: port.0,
-            interval,
+            ip,
+            port,
+            interval: given_interval,
             core: Slot::default(),
             final_dropped: AtomicU64::new(0),
         })
@@ -120,34 +106,33 @@ impl ChatClientUdp {
 
     /// Sends ``msg`` (str as UTF-8, or bytes) to the server. The default, ``'quit'``, is the
     /// tutorial's: the server forgets this client, until its next heartbeat registers it again.
-    #[pyo3(signature = (msg = Payload::Text("quit".to_owned())), text_signature = "($self, /, msg='quit')")]
-    fn send(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
+    #[pyo3(signature = (msg = Arg::MISSING), text_signature = "($self, /, msg='quit')")]
+    fn send(&self, py: Python<'_>, msg: Arg<'_>) -> PyResult<()> {
+        let msg = msg.payload("msg", b"quit")?;
+        let data = msg.as_bytes();
         let core = self.core.running_core().map_err(to_py)?;
-        py.detach(|| core.send(msg.as_bytes())).map_err(to_py)
+        py.detach(|| core.send(data)).map_err(to_py)
     }
 
     /// The next message from the server, waiting up to ``timeout`` seconds (None: until one
     /// comes). Returns None on timeout, or once the client is stopped or closed by the server and
     /// every message that arrived before has been read.
-    #[pyo3(signature = (timeout = None))]
-    fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Message>> {
+    #[pyo3(signature = (timeout = Arg::MISSING), text_signature = "($self, /, timeout=None)")]
+    fn recv(&self, py: Python<'_>, timeout: Arg<'_>) -> PyResult<Option<Message>> {
         Ok(self
-            .wait(py, timeout)?
+            .wait(py, timeout.timeout("timeout")?)?
             .map(|(_, datagram)| Message::from_datagram(py, &datagram)))
     }
 
     /// Up to ``max`` messages: waits up to ``timeout`` seconds (None: until one comes) for the
     /// first, then takes those already waiting. Returns an empty list where ``recv`` returns None.
-    #[pyo3(signature = (max = 1024, timeout = None))]
-    fn recv_many(
-        &self,
-        py: Python<'_>,
-        max: usize,
-        timeout: Option<f64>,
-    ) -> PyResult<Vec<Message>> {
-        if max == 0 {
-            return Err(PyValueError::new_err("max must be at least 1"));
-        }
+    #[pyo3(
+        signature = (max = Arg::MISSING, timeout = Arg::MISSING),
+        text_signature = "($self, /, max=1024, timeout=None)"
+    )]
+    fn recv_many(&self, py: Python<'_>, max: Arg<'_>, timeout: Arg<'_>) -> PyResult<Vec<Message>> {
+        let max = max.int("max", 1024, 1, MAX_QUEUE)?;
+        let timeout = timeout.timeout("timeout")?;
         let Some((core, first)) = self.wait(py, timeout)? else {
             return Ok(Vec::new());
         };
@@ -168,7 +153,9 @@ impl ChatClientUdp {
 
     /// Blocks for the next message; iteration ends when the client stops or the server ends.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Message>> {
-        self.recv(py, None)
+        Ok(self
+            .wait(py, None)?
+            .map(|(_, datagram)| Message::from_datagram(py, &datagram)))
     }
 
     /// When the server was last heard from (any datagram), as a Unix timestamp; None if never.

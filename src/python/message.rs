@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+use super::args::Arg;
 use super::py_addr;
 use crate::protocol;
 
@@ -56,8 +57,11 @@ impl Message {
 #[pymethods]
 impl Message {
     #[new]
-    fn new(py: Python<'_>, raw: &[u8]) -> Message {
-        Message::from_datagram(py, raw)
+    fn new(raw: Arg<'_>) -> PyResult<Message> {
+        Ok(Message {
+            raw: raw.bytes("raw")?.unbind(),
+            parsed: OnceLock::new(),
+        })
     }
 
     #[getter]

@@ -1,15 +1,14 @@
 //! The PyO3 layer: argument checks, type conversion and error mapping. No networking here.
 
+mod args;
 mod client;
 mod logging;
 mod message;
 mod server;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
-use pyo3::types::PyInt;
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use crate::error::Error;
 use crate::lifecycle::{Core, Slot};
@@ -28,64 +27,8 @@ fn to_py(err: Error) -> PyErr {
     }
 }
 
-fn parse_ip(ip: &str) -> PyResult<IpAddr> {
-    ip.parse().map_err(|_| {
-        PyValueError::new_err(format!("ip must be an IPv4 or IPv6 address, got {ip:?}"))
-    })
-}
-
-/// A port argument: any `int`, checked to be in 0..65535 (ValueError, never OverflowError).
-struct Port(u16);
-
-impl<'a, 'py> FromPyObject<'a, 'py> for Port {
-    type Error = PyErr;
-
-    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        let int = obj.cast::<PyInt>()?.to_owned();
-        int.extract::<u16>()
-            .map(Port)
-            .map_err(|_| PyValueError::new_err(format!("port must be in 0..65535, got {int}")))
-    }
-}
-
-fn parse_seconds(name: &str, seconds: f64) -> PyResult<Duration> {
-    match Duration::try_from_secs_f64(seconds) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(PyValueError::new_err(format!(
-            "{name} must be a positive number of seconds, got {seconds}"
-        ))),
-    }
-}
-
-/// `value` if it lies in `lo..=hi`, else a ValueError naming the argument.
-fn in_range<T: PartialOrd + std::fmt::Display>(name: &str, value: T, lo: T, hi: T) -> PyResult<T> {
-    if lo <= value && value <= hi {
-        Ok(value)
-    } else {
-        Err(PyValueError::new_err(format!(
-            "{name} must be in {lo}..{hi}, got {value}"
-        )))
-    }
-}
-
 fn py_addr(addr: SocketAddr) -> (String, u16) {
     (addr.ip().to_string(), addr.port())
-}
-
-/// A payload from Python: `str` is sent as UTF-8, `bytes` as is.
-#[derive(FromPyObject)]
-enum Payload {
-    Text(String),
-    Bytes(Vec<u8>),
-}
-
-impl Payload {
-    fn as_bytes(&self) -> &[u8] {
-        match self {
-            Payload::Text(s) => s.as_bytes(),
-            Payload::Bytes(b) => b,
-        }
-    }
 }
 
 /// Starts `slot`'s core with the GIL released; its first records reach Python before it returns.

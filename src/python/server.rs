@@ -1,11 +1,11 @@
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
-use super::{in_range, lifecycle_methods, parse_ip, parse_seconds, py_addr, to_py, Payload, Port};
+use super::args::Arg;
+use super::{lifecycle_methods, py_addr, to_py};
 
 /// The core's defaults, for the keyword arguments'.
 const DEFAULTS: ServerConfig = ServerConfig::default_for(SocketAddr::new(
@@ -16,6 +16,16 @@ use crate::lifecycle::{Core, Slot};
 use crate::registry::Limits;
 use crate::server::{Server, ServerConfig, Stats, MAX_DATAGRAM};
 use crate::worker::lock;
+
+/// The most clients, in all and from one IP address, that `max_clients` and `max_per_ip` allow.
+const MAX_CAP: usize = 100_000_000;
+const MAX_FANOUT_THREADS: usize = 64;
+/// `rate_limit`'s range, in datagrams a second: one every 100 s to a billion.
+const MIN_RATE: f64 = 0.01;
+const MAX_RATE: f64 = 1e9;
+/// `rcvbuf`'s range, in bytes: 1 KiB to 1 GiB (the kernel caps it at `net.core.rmem_max`).
+const MIN_RCVBUF: usize = 1024;
+const MAX_RCVBUF: usize = 1 << 30;
 
 /// A UDP chat server: registers every sender, relays each message to every live client as
 /// ``ack: {ip} {port}\n{payload}\n``, and drops clients silent for more than ``interval`` seconds.
@@ -35,51 +45,47 @@ impl ChatServerUdp {
     #[new]
     #[pyo3(
         signature = (
-            ip = "127.0.0.1", port = Port(9998), interval = 10.0, *, max_datagram = MAX_DATAGRAM,
-            max_clients = DEFAULTS.limits.max_clients, max_per_ip = DEFAULTS.limits.max_per_ip,
-            rate_limit = None, rcvbuf = None, validate = false, fanout_threads = 1
+            ip = Arg::MISSING, port = Arg::MISSING, interval = Arg::MISSING, *,
+            max_datagram = Arg::MISSING, max_clients = Arg::MISSING, max_per_ip = Arg::MISSING,
+            rate_limit = Arg::MISSING, rcvbuf = Arg::MISSING, validate = Arg::MISSING,
+            fanout_threads = Arg::MISSING
         ),
         text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, max_clients=100000, max_per_ip=1024, rate_limit=None, rcvbuf=None, validate=False, fanout_threads=1)"
     )]
     #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn new(
-        ip: &str,
-        port: Port,
-        interval: f64,
-        max_datagram: usize,
-        max_clients: usize,
-        max_per_ip: usize,
-        rate_limit: Option<f64>,
-        rcvbuf: Option<usize>,
-        validate: bool,
-        fanout_threads: usize,
+        ip: Arg<'_>,
+        port: Arg<'_>,
+        interval: Arg<'_>,
+        max_datagram: Arg<'_>,
+        max_clients: Arg<'_>,
+        max_per_ip: Arg<'_>,
+        rate_limit: Arg<'_>,
+        rcvbuf: Arg<'_>,
+        validate: Arg<'_>,
+        fanout_threads: Arg<'_>,
     ) -> PyResult<Self> {
-        if let Some(rate) = rate_limit {
-            if !(rate.is_finite() && rate > 0.0) {
-                return Err(PyValueError::new_err(format!(
-                    "rate_limit must be a positive number of datagrams per second, got {rate}"
-                )));
-            }
-        }
+        let (ip, addr) = ip.ip("ip", "127.0.0.1")?;
+        let port = port.int("port", DEFAULTS.addr.port(), 0, u16::MAX)?;
+        let (given_interval, interval) = interval.interval("interval", 10.0)?;
+        let limits = Limits {
+            max_clients: max_clients.int("max_clients", DEFAULTS.limits.max_clients, 1, MAX_CAP)?,
+            max_per_ip: max_per_ip.int("max_per_ip", DEFAULTS.limits.max_per_ip, 1, MAX_CAP)?,
+        };
         Ok(ChatServerUdp {
             config: ServerConfig {
-                addr: SocketAddr::new(parse_ip(ip)?, port.0),
-                interval: parse_seconds("interval", interval)?,
-                max_datagram: in_range("max_datagram", max_datagram, 1, 65_535)?,
-                fanout_threads: in_range("fanout_threads", fanout_threads, 1, 64)?,
-                limits: Limits {
-                    max_clients: in_range("max_clients", max_clients, 1, 100_000_000)?,
-                    max_per_ip: in_range("max_per_ip", max_per_ip, 1, 100_000_000)?,
-                },
-                rate_limit,
-                rcvbuf: rcvbuf
-                    .map(|b| in_range("rcvbuf", b, 1024, 1 << 30))
-                    .transpose()?,
-                validate,
+                addr: SocketAddr::new(addr, port),
+                interval,
+                max_datagram: max_datagram.int("max_datagram", MAX_DATAGRAM, 1, 65_535)?,
+                fanout_threads: fanout_threads.int("fanout_threads", 1, 1, MAX_FANOUT_THREADS)?,
+                limits,
+                rate_limit: rate_limit.optional_number("rate_limit", MIN_RATE, MAX_RATE)?,
+                rcvbuf: rcvbuf.optional_int("rcvbuf", MIN_RCVBUF, MAX_RCVBUF)?,
+                validate: validate.flag("validate", false)?,
             },
-            ip: ip.to_owned(),
-            port: port.0,
-            interval,
+            ip,
+            port,
+            interval: given_interval,
             core: Slot::default(),
             final_stats: Mutex::default(),
         })
@@ -101,9 +107,11 @@ impl ChatServerUdp {
     }
 
     /// Sends ``msg`` to every live client, as a message from the server's own address.
-    fn broadcast(&self, py: Python<'_>, msg: Payload) -> PyResult<()> {
+    fn broadcast(&self, py: Python<'_>, msg: Arg<'_>) -> PyResult<()> {
+        let msg = msg.payload("msg", b"")?;
+        let data = msg.as_bytes();
         let core = self.core.running_core().map_err(to_py)?;
-        py.detach(|| core.broadcast(msg.as_bytes())).map_err(to_py)
+        py.detach(|| core.broadcast(data)).map_err(to_py)
     }
 
     /// Counters since start (see the stub for each), the kernel's count of datagrams it dropped
