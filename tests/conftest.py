@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -112,6 +113,48 @@ def register(sock: socket.socket, server: ChatServerUdp) -> Addr:
     me: Addr = sock.getsockname()[:2]
     assert wait_until(lambda: me in server.clients), server.clients
     return me
+
+
+def _user_namespaces_refused() -> str | None:
+    """Why `unshare -rn` (a user and network namespace of our own) fails here, or None."""
+    try:
+        out = subprocess.run(["unshare", "-rn", "true"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run `unshare -rn`: {e}"
+    if out.returncode != 0:
+        return f"`unshare -rn` exits {out.returncode}: {out.stderr.strip() or 'no message'}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def user_namespaces() -> None:
+    """Every test that needs a namespace of its own (to forge source addresses from raw sockets)
+    asks for this fixture. Where unprivileged user namespaces are refused (Docker's defaults,
+    Ubuntu 24.04's AppArmor) it skips with the reason; in CI it fails instead (below)."""
+    reason = _user_namespaces_refused()
+    if reason is not None:
+        pytest.skip(f"unprivileged user namespaces are refused here, {reason}")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI (CI=true), a namespace test that skips, for whatever reason, is a failure: CI must
+    not stay green with the forged-source guarantees untested."""
+    report = yield
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and _in_ci()
+        and "user_namespaces" in getattr(item, "fixturenames", ())
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a test that needs user namespaces may not skip: {reason}"
+    return report
 
 
 # Figures the fault and attack tests measure (amplification, false expiries, stop latency...):
