@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -42,6 +43,59 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT, step: fl
             return True
         time.sleep(step)
     return predicate()
+
+
+def rcvbuf(sock: socket.socket) -> int:
+    """The receive buffer the kernel granted `sock`, as SO_RCVBUF reads it back: twice what was
+    asked, capped at twice net.core.rmem_max (212,992 bytes on a stock kernel), or
+    net.core.rmem_default for a socket that never asked."""
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+def default_rcvbuf() -> int:
+    """The receive buffer of a socket that never asks for one (a server without `rcvbuf`)."""
+    with socket.socket(type=socket.SOCK_DGRAM) as sock:
+        return rcvbuf(sock)
+
+
+def granted_for(request: int) -> int:
+    """The receive buffer a socket (a server's `rcvbuf=request`) is granted on this host."""
+    with socket.socket(type=socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, request)
+        return rcvbuf(sock)
+
+
+_ROOM: dict[tuple[int, int], int] = {}
+
+
+def room(granted: int, size: int) -> int:
+    """How many datagrams of `size` bytes a receive buffer of `granted` bytes (as `rcvbuf`
+    reads it back) holds unread before the kernel drops one. Measured, once per pair: the kernel
+    charges each datagram its allocation's true size (832 bytes for a small one here, 16 KiB for
+    9,000 bytes), not its length. Anything that upsets the measurement makes it smaller, never
+    larger."""
+    key = (granted, size)
+    if key not in _ROOM:
+        with (
+            socket.socket(type=socket.SOCK_DGRAM) as probe,
+            socket.socket(type=socket.SOCK_DGRAM) as sender,
+        ):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(granted // 2, 1))
+            probe.bind(("127.0.0.1", 0))
+            assert rcvbuf(probe) <= granted, (rcvbuf(probe), granted)
+            data = b"x" * size
+            for _ in range(granted // 512 + 64):  # no datagram is charged less than 512 bytes
+                sender.sendto(data, probe.getsockname())
+            time.sleep(0.01)
+            probe.setblocking(False)
+            fitted = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    probe.recv(70_000)
+                    fitted += 1
+        assert fitted > 0, (granted, size)
+        _ROOM[key] = fitted
+    return _ROOM[key]
 
 
 def thread_count() -> int:
