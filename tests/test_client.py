@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import statistics
 import time
 from collections.abc import Callable
 
@@ -103,14 +104,26 @@ def test_a_client_only_hears_its_server(
     client = make_client(plain_server.getsockname())
     with socket.socket(type=socket.SOCK_DGRAM) as stranger:
         stranger.sendto(b"ack: 1.2.3.4 5\nspoof\n", client.address)
-    assert client.recv(0.2) is None
+    # The server's own datagram, sent after the stranger's, is the first the client hands over.
+    plain_server.sendto(b"ack: 1.2.3.4 5\nreal\n", client.address)
+    got = client.recv(2)
+    assert got is not None and got.text == "real", got
+    assert client.recv(0.1) is None
 
 
-def test_recv_timeout_is_honoured(plain_server: socket.socket, make_client: MakeClient) -> None:
+def test_recv_timeout_is_honoured(
+    plain_server: socket.socket, make_client: MakeClient, figure: Callable[[str], None]
+) -> None:
     client = make_client(plain_server.getsockname())
-    t0 = time.monotonic()
-    assert client.recv(timeout=0.2) is None
-    assert 0.19 <= time.monotonic() - t0 < 0.5
+    waits = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        assert client.recv(timeout=0.2) is None
+        waits.append(time.monotonic() - t0)
+    figure(f"recv(timeout=0.2) with nothing to receive: {', '.join(f'{w:.3f}' for w in waits)} s")
+    # Never early (a loaded machine only makes it later); on time, judged by the median.
+    assert min(waits) >= 0.19, waits
+    assert statistics.median(waits) < 0.5, waits
     assert client.recv(timeout=0) is None
     with pytest.raises(ValueError):
         client.recv(timeout=-1)
@@ -176,14 +189,16 @@ def test_a_client_registers_again_when_its_server_comes_back(make_client: MakeCl
 
 
 def test_recv_many_takes_what_is_waiting(server: ChatServerUdp, make_client: MakeClient) -> None:
-    client = make_client(server.address)
-    for i in range(10):
+    # A queue of 10 and 11 messages: once the 11th is dropped for want of room, the 10 before it
+    # are certainly waiting, however slow the machine.
+    client = make_client(server.address, max_queue=10)
+    for i in range(11):
         client.send(f"m{i}")
-    assert wait_until(lambda: server.stats()["deliveries"] == 10)
-    time.sleep(0.05)
+    assert wait_until(lambda: client.dropped == 1)
     first = client.recv_many(4, timeout=1)
     rest = client.recv_many(timeout=1)
-    assert [m.text for m in first + rest] == [f"m{i}" for i in range(10)]
+    assert [m.text for m in first] == [f"m{i}" for i in range(4)]
+    assert [m.text for m in rest] == [f"m{i}" for i in range(4, 10)]
     assert client.recv_many(timeout=0.05) == []
     with pytest.raises(ValueError):
         client.recv_many(0)
