@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import statistics
 import time
 from collections.abc import Callable
 
 import pytest
+import udpchat
 from conftest import ack, assert_silent, recv, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp, Message
 
@@ -133,14 +135,32 @@ def test_recv_before_start_returns_none() -> None:
     assert ChatClientUdp(port=9).recv(0) is None
 
 
-def test_client_keeps_running_when_the_server_is_gone(make_client: MakeClient) -> None:
+def test_client_keeps_running_when_the_server_is_gone(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="udpchat")
+    udpchat.reset_log_cache()
     with socket.socket(type=socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         gone = s.getsockname()
     client = make_client(gone, interval=0.05)
-    time.sleep(0.3)  # several heartbeats answered by ICMP port unreachable
+    # Its heartbeats are answered by ICMP port unreachable, which its connected socket reports.
+    assert wait_until(lambda: any("server unreachable" in r.getMessage() for r in caplog.records))
+    time.sleep(0.2)  # a few more
     assert client.running
-    client.send("anyone?")
+    # What comes back to that port finds the client still heartbeating, and hears what it sends.
+    with socket.socket(type=socket.SOCK_DGRAM) as back:
+        back.bind(gone)
+        back.settimeout(2)
+        data, source = back.recvfrom(100)
+        assert (data.strip(), source) == (b"^hb^", client.address)
+        client.send("anyone?")
+        for _ in range(100):  # heartbeats come every 50 ms; the message within 2 s
+            data, source = back.recvfrom(100)
+            if data.strip() != b"^hb^":
+                break
+        assert (data, source) == (b"anyone?", client.address)
+    assert client.running
 
 
 def test_context_managers_start_and_stop(make_peer: Callable[..., socket.socket]) -> None:

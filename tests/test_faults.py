@@ -230,7 +230,7 @@ def test_clients_heartbeating_every_third_of_the_interval_are_never_expired(
 class LossyRelay:
     """A user-space stand-in for `tc netem`: clients talk to the relay, which talks to the server
     from one socket per client (as a NAT does), dropping, duplicating and reordering datagrams
-    in both directions with a seeded random generator."""
+    in both directions with a seeded random generator. It counts what it does, by direction."""
 
     def __init__(self, server: tuple[str, int], drop: float, dup: float, reorder: float, seed: int):
         self.server, self.drop, self.dup, self.reorder = server, drop, dup, reorder
@@ -240,14 +240,20 @@ class LossyRelay:
         self.address = self.front.getsockname()
         self.upstream: dict[tuple[str, int], socket.socket] = {}
         self.held: dict[int, tuple[socket.socket, bytes, tuple[str, int]]] = {}
+        # "up" (clients to the server) and "down": datagrams in, dropped, sent (copies included).
+        self.counts = {way: {"in": 0, "dropped": 0, "sent": 0} for way in ("up", "down")}
+        self.upstream_addresses: set[tuple[str, int]] = set()  # filled in by close()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def _forward(self, out: socket.socket, data: bytes, to: tuple[str, int]) -> None:
+    def _forward(self, way: str, out: socket.socket, data: bytes, to: tuple[str, int]) -> None:
         """Sends with the faults applied; a reordered datagram waits for the next one."""
+        counts = self.counts[way]
+        counts["in"] += 1
         key = out.fileno()
         if self.rng.random() < self.drop:
+            counts["dropped"] += 1
             return
         if self.rng.random() < self.reorder and key not in self.held:
             self.held[key] = (out, data, to)
@@ -255,9 +261,11 @@ class LossyRelay:
         copies = 2 if self.rng.random() < self.dup else 1
         for _ in range(copies):
             out.sendto(data, to)
+            counts["sent"] += 1
         if key in self.held:
             h_out, h_data, h_to = self.held.pop(key)
             h_out.sendto(h_data, h_to)
+            counts["sent"] += 1
 
     def _run(self) -> None:
         import selectors
@@ -276,13 +284,15 @@ class LossyRelay:
                         up.bind(("127.0.0.1", 0))
                         self.upstream[source] = up
                         sel.register(up, selectors.EVENT_READ, source)
-                    self._forward(up, data, self.server)
+                    self._forward("up", up, data, self.server)
                 else:  # from the server: back to the client it belongs to
-                    self._forward(self.front, data, key.data)
+                    self._forward("down", self.front, data, key.data)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(5)
+        # The addresses the server saw, one per client.
+        self.upstream_addresses = {s.getsockname() for s in self.upstream.values()}
         for s in [self.front, *self.upstream.values()]:
             s.close()
 
@@ -296,16 +306,29 @@ def test_loss_expires_live_clients_no_more_than_predicted(
     dup, reorder = 0.05, 0.25
     server = make_server(interval=interval)
     relay = LossyRelay(server.address, drop, dup, reorder, seed=int(drop * 100))
+    running = [ChatClientUdp(*relay.address, interval=heartbeat) for _ in range(clients)]
+    seen: set[tuple[str, int]] = set()  # every address the server listed
+    ticks = 0
     try:
-        running = [ChatClientUdp(*relay.address, interval=heartbeat) for _ in range(clients)]
         for c in running:
             c.start()
-        time.sleep(intervals * interval)
+        # The server broadcasts now and then, so the way down carries traffic too; a broadcast
+        # does not make anyone alive, so the expiries are the heartbeats' alone.
+        deadline = time.monotonic() + intervals * interval
+        while time.monotonic() < deadline:
+            seen |= server.clients.keys()
+            server.broadcast(b"tick %d" % ticks)
+            ticks += 1
+            time.sleep(0.25)
+        heard = [len(c.recv_many(timeout=0)) for c in running]
         for c in running:
             c.stop()
         expired = server.stats()["expired"]
     finally:
+        for c in running:
+            c.stop()
         relay.close()
+    up, down = relay.counts["up"], relay.counts["down"]
     heartbeats = clients * intervals * interval / heartbeat
     # A false expiry needs three heartbeats lost in a row. A reordered one arrives a heartbeat
     # late, which counts against the gap like a loss, so it bounds the rate from above.
@@ -314,8 +337,21 @@ def test_loss_expires_live_clients_no_more_than_predicted(
     figure(
         f"lossy relay, drop {drop:.0%} dup {dup:.0%} reorder {reorder:.0%}: {expired} false "
         f"expiries in {heartbeats:.0f} heartbeats; predicted {predicted:.1f} from loss, "
-        f"{bound:.1f} counting reordering as loss"
+        f"{bound:.1f} counting reordering as loss; relayed up {up['sent']} of {up['in']}, "
+        f"down {down['sent']} of {down['in']}; {sum(heard)} of {ticks * clients} ticks heard"
     )
+    # The traffic went through, with the loss asked for: every client reached the server through
+    # its own relay socket and was listed, the server read all the relay sent it, and what came
+    # back reached every client.
+    assert len(relay.upstream_addresses) == clients
+    assert seen == relay.upstream_addresses
+    assert up["in"] >= heartbeats / 2, up  # a loaded machine may delay heartbeats, not halve them
+    assert abs(up["dropped"] / up["in"] - drop) < 0.07, up
+    assert wait_until(
+        lambda: server.stats()["received"] + server.stats()["kernel_drops"] == up["sent"]
+    ), (server.stats(), up)
+    assert down["in"] > 0 and abs(down["dropped"] / down["in"] - drop) < 0.1, down
+    assert all(n > 0 for n in heard), heard
     # Registrations that were themselves lost can only lower the count; +3 absorbs the noise
     # of a few dozen events.
     assert expired <= 1.5 * bound + 3
