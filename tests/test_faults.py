@@ -154,10 +154,11 @@ def test_a_killed_client_costs_the_others_nothing_and_expires_on_time(
             f"killed client, interval {interval:.0f} s, heartbeat 0.2 s: unlisted {gone:.3f} s "
             f"after the kill, {silence:.3f} s after it was last heard; bursts of {burst}"
         )
-        # Never before `interval` of silence; its last heartbeat was at most 0.2 s before the
-        # kill, so it should go by `interval` after the kill: 1 s of slack for a loaded machine.
+        # Never before `interval` of silence (exact: seen from here, only ever later). Its last
+        # heartbeat was at most 0.2 s before the kill, so it goes by `interval` after the kill:
+        # half a second of slack for a loaded machine, short of a 2 x interval mistake.
         assert silence >= interval - 0.005, silence
-        assert gone <= interval + 1.0, gone
+        assert gone <= interval + 0.5, gone
         assert wait_until(lambda: server.stats()["expired"] == 1)
         assert len(server.clients) == 3
     finally:
