@@ -113,20 +113,21 @@ def test_more_bad_arguments() -> None:
 def test_silent_client_expires_while_a_heartbeating_one_stays(
     make_server: Callable[..., ChatServerUdp], make_peer: MakePeer, figure: Figure
 ) -> None:
-    interval = 0.5
+    interval = 1.0
     server = make_server(interval=interval)
     silent, talker = make_peer(), make_peer()
     me = register(silent, server)
-    # A heartbeat every tenth of the interval: it takes 450 ms of delay to lose this client.
+    # A heartbeat every tenth of the interval: it takes 900 ms of delay to lose this client.
     with ChatClientUdp(*server.address, interval=interval / 10) as alive:
         last_seen = server.clients[me]  # the server's own stamp, as Unix time
         assert wait_until(lambda: me not in server.clients, timeout=interval + 1.5)
         gone_after = time.time() - last_seen
-        figure(f"silent client, interval 0.5 s: unlisted {gone_after:.3f} s after last heard")
-        # Never early (seen from here, only ever later); on time, with a second of slack.
-        assert interval - 0.005 <= gone_after <= interval + 1.0, gone_after
+        figure(f"silent client, interval 1 s: unlisted {gone_after:.3f} s after last heard")
+        # Never early (seen from here, only ever later); on time, with half a second of slack
+        # for a loaded machine, short of a 2 x interval mistake.
+        assert interval - 0.005 <= gone_after <= interval + 0.5, gone_after
         # Several intervals later, the heartbeating client is still there.
-        time.sleep(interval * 3)
+        time.sleep(interval * 2)
         assert alive.address in server.clients
         talker.sendto(b"who is here", server.address)
         assert alive.recv(2) is not None
