@@ -309,6 +309,7 @@ def test_loss_expires_live_clients_no_more_than_predicted(
     relay = LossyRelay(server.address, drop, dup, reorder, seed=int(drop * 100))
     running = [ChatClientUdp(*relay.address, interval=heartbeat) for _ in range(clients)]
     seen: set[tuple[str, int]] = set()  # every address the server listed
+    listed = []  # how many were listed, at each tick
     ticks = 0
     try:
         for c in running:
@@ -317,7 +318,9 @@ def test_loss_expires_live_clients_no_more_than_predicted(
         # does not make anyone alive, so the expiries are the heartbeats' alone.
         deadline = time.monotonic() + intervals * interval
         while time.monotonic() < deadline:
-            seen |= server.clients.keys()
+            now_listed = server.clients.keys()
+            seen |= now_listed
+            listed.append(len(now_listed))
             server.broadcast(b"tick %d" % ticks)
             ticks += 1
             time.sleep(0.25)
@@ -330,6 +333,7 @@ def test_loss_expires_live_clients_no_more_than_predicted(
             c.stop()
         relay.close()
     up, down = relay.counts["up"], relay.counts["down"]
+    listed_share = sum(listed) / (len(listed) * clients)
     heartbeats = clients * intervals * interval / heartbeat
     # A false expiry needs three heartbeats lost in a row. A reordered one arrives a heartbeat
     # late, which counts against the gap like a loss, so it bounds the rate from above.
@@ -339,7 +343,8 @@ def test_loss_expires_live_clients_no_more_than_predicted(
         f"lossy relay, drop {drop:.0%} dup {dup:.0%} reorder {reorder:.0%}: {expired} false "
         f"expiries in {heartbeats:.0f} heartbeats; predicted {predicted:.1f} from loss, "
         f"{bound:.1f} counting reordering as loss; relayed up {up['sent']} of {up['in']}, "
-        f"down {down['sent']} of {down['in']}; {sum(heard)} of {ticks * clients} ticks heard"
+        f"down {down['sent']} of {down['in']}; {sum(heard)} of {ticks * clients} ticks heard; "
+        f"clients listed {listed_share:.1%} of the time"
     )
     # The traffic went through, with the loss asked for: every client reached the server through
     # its own relay socket and was listed, the server read all the relay sent it, and what came
@@ -353,6 +358,9 @@ def test_loss_expires_live_clients_no_more_than_predicted(
     ), (server.stats(), up)
     assert down["in"] > 0 and abs(down["dropped"] / down["in"] - drop) < 0.1, down
     assert all(n > 0 for n in heard), heard
+    # Live clients stay listed: a false expiry lasts until the next heartbeat gets through.
+    assert listed_share > 0.8, listed_share
+    assert sum(heard) >= ticks * clients * (1 - drop) / 2, heard
     # Registrations that were themselves lost can only lower the count; +3 absorbs the noise
     # of a few dozen events.
     assert expired <= 1.5 * bound + 3
