@@ -63,7 +63,9 @@ def test_forged_reg_amplification(attacks: dict[str, Any], figure: Callable[[str
 
 def test_forged_heartbeat_and_quit_change_nothing(attacks: dict[str, Any]) -> None:
     result = attacks["forged_control"]
+    assert result["witness_relayed"]  # every forgery was read before the checks
     assert result["client_registered"]
+    assert not result["client_left"]  # not even for a moment
     assert result["client_still_served"]
     assert not result["stranger_registered"]
     # A guessed token is unvalidated; a bare `quit` or `^hb^` is not even tokened.
