@@ -359,7 +359,7 @@ def test_loss_expires_live_clients_no_more_than_predicted(
     assert down["in"] > 0 and abs(down["dropped"] / down["in"] - drop) < 0.1, down
     assert all(n > 0 for n in heard), heard
     # Live clients stay listed: a false expiry lasts until the next heartbeat gets through.
-    assert listed_share > 0.8, listed_share
+    assert listed_share > 0.5, listed_share
     assert sum(heard) >= ticks * clients * (1 - drop) / 2, heard
     # Registrations that were themselves lost can only lower the count; +3 absorbs the noise
     # of a few dozen events.

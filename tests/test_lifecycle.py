@@ -14,7 +14,15 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import assert_silent, fd_count, recv, register, thread_count, wait_until
+from conftest import (
+    assert_silent,
+    fd_count,
+    main_thread_blocked,
+    recv,
+    register,
+    thread_count,
+    wait_until,
+)
 from udpchat import ChatClientUdp, ChatServerUdp
 
 MakePeer = Callable[..., socket.socket]
@@ -185,19 +193,6 @@ def _run(code: str) -> subprocess.Popen[str]:
     )
 
 
-def _blocked(pid: int) -> bool:
-    """Whether the process's main thread is asleep, and still is 50 ms later: blocked in a call."""
-
-    def asleep() -> bool:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "S"
-
-    if not asleep():
-        return False
-    time.sleep(0.05)
-    return asleep()
-
-
 @pytest.mark.parametrize("call", ["client.recv()", "next(iter(client))", "client.recv(timeout=60)"])
 def test_ctrl_c_interrupts_a_blocking_recv(call: str, figure: Figure) -> None:
     proc = _run(
@@ -217,7 +212,7 @@ def test_ctrl_c_interrupts_a_blocking_recv(call: str, figure: Figure) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
-        assert wait_until(lambda: _blocked(proc.pid), timeout=5)
+        assert wait_until(lambda: main_thread_blocked(proc.pid), timeout=5)
         t0 = time.monotonic()  # CLOCK_MONOTONIC: the same clock in the child
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=5)
