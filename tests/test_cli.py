@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import IO
 
 import pytest
-from conftest import ack, main_thread_blocked, recv, wait_until
+from conftest import ack, main_thread_asleep, recv, wait_until
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -112,8 +112,11 @@ def test_chat_exits_when_the_server_ends(served: tuple[Proc, tuple[str, int]]) -
     chat = Proc("chat", "--port", str(address[1]))
     try:
         server.expect("stderr", r"joined")
-        # At its prompt: blocked reading a line. (An `end` before that is another test's case.)
-        assert wait_until(lambda: main_thread_blocked(chat.popen.pid), timeout=5)
+        # At its prompt: it has relayed a line, and its main thread is asleep again, which after
+        # that can only be reading the next line. (An `end` before the prompt: the next test.)
+        chat.write("ping\n")
+        chat.expect("stdout", r"\] ping$")
+        assert wait_until(lambda: main_thread_asleep(chat.popen.pid), timeout=5, step=0.005)
         server.popen.send_signal(signal.SIGTERM)
         assert server.popen.wait(5) == 0
         chat.expect("stdout", r"the server ended the chat")

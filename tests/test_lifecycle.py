@@ -17,7 +17,7 @@ import pytest
 from conftest import (
     assert_silent,
     fd_count,
-    main_thread_blocked,
+    main_thread_asleep,
     recv,
     register,
     thread_count,
@@ -212,7 +212,9 @@ def test_ctrl_c_interrupts_a_blocking_recv(call: str, figure: Figure) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "ready\n"
-        assert wait_until(lambda: main_thread_blocked(proc.pid), timeout=5)
+        # Asleep after "ready": it can only be in the call (which wakes every 50 ms to check for
+        # signals, so one look, not two).
+        assert wait_until(lambda: main_thread_asleep(proc.pid), timeout=5, step=0.005)
         t0 = time.monotonic()  # CLOCK_MONOTONIC: the same clock in the child
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=5)
