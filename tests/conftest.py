@@ -84,7 +84,8 @@ def room(granted: int, size: int) -> int:
             probe.bind(("127.0.0.1", 0))
             assert rcvbuf(probe) <= granted, (rcvbuf(probe), granted)
             data = b"x" * size
-            for _ in range(granted // 512 + 64):  # no datagram is charged less than 512 bytes
+            # None is charged less than its length, nor less than 512 bytes: this is enough.
+            for _ in range(granted // max(size, 512) + 64):
                 sender.sendto(data, probe.getsockname())
             time.sleep(0.01)
             probe.setblocking(False)
