@@ -38,17 +38,6 @@ def big_buffer(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def drain(sock: socket.socket, quiet: float = 0.2) -> list[bytes]:
-    """Everything that arrives until `quiet` seconds pass without a datagram."""
-    got = []
-    sock.settimeout(quiet)
-    try:
-        while True:
-            got.append(sock.recv(70_000))
-    except TimeoutError:
-        return got
-
-
 def collect(sock: socket.socket, want: int, match: bytes, timeout: float = 5.0) -> list[bytes]:
     """Datagrams containing `match`, until `want` have come or `timeout` seconds have passed."""
     got: list[bytes] = []
@@ -482,11 +471,13 @@ def test_stop_is_fast_exact_and_clean_over_100_cycles(make_peer: MakePeer, figur
         for c in peers if flooded else clients:
             before = []
             c.settimeout(5)
-            for _ in range(budget + 1):
-                if (data := c.recv(70_000)) == b"end":
-                    break
-                before.append(data)
-            assert data == b"end", (cycle, before[-3:])
+            data = b""
+            with contextlib.suppress(TimeoutError):
+                for _ in range(budget + 1):
+                    if (data := c.recv(70_000)) == b"end":
+                        break
+                    before.append(data)
+            assert data == b"end", (cycle, "no end", before[-3:])
             assert all(d == flood_ack for d in before), (cycle, before[-3:])
             relayed += len(before)
         # ...and nothing after it.
