@@ -85,15 +85,17 @@ def room(granted: int, size: int) -> int:
             assert rcvbuf(probe) <= granted, (rcvbuf(probe), granted)
             data = b"x" * size
             # None is charged less than its length, nor less than 512 bytes: this is enough.
-            for _ in range(granted // max(size, 512) + 64):
+            sent = granted // max(size, 512) + 64
+            for _ in range(sent):
                 sender.sendto(data, probe.getsockname())
             time.sleep(0.01)
             probe.setblocking(False)
             fitted = 0
             with contextlib.suppress(BlockingIOError):
-                while True:
+                for _ in range(sent):
                     probe.recv(70_000)
                     fitted += 1
+        assert fitted < sent, (granted, size, "all fitted: send more")
         assert fitted > 0, (granted, size)
         _ROOM[key] = fitted
     return _ROOM[key]
