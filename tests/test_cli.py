@@ -125,14 +125,6 @@ def test_chat_exits_when_the_server_ends(served: tuple[Proc, tuple[str, int]]) -
         chat.close()
 
 
-# Not strict: whether `end` beats the input loop is a race (it did in 35 runs of 35 here), and
-# a lucky run must not fail the suite. Once chat() is fixed, this shows as XPASS: drop the mark.
-@pytest.mark.xfail(
-    strict=False,
-    reason="bug in udpchat/__main__.py chat(): an `end` that comes before the input loop starts "
-    "ends the chat without saying so (exit 0), or the printer thread's SIGINT lands after the "
-    "main thread left its try block and kills it (exit -2)",
-)
 def test_chat_says_the_server_ended_it_even_before_its_first_prompt() -> None:
     # A plain socket plays the server and answers the chat's `reg` with `end` at once.
     with socket.socket(type=socket.SOCK_DGRAM) as server:
