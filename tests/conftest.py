@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -219,6 +223,32 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.outcome = "failed"
         report.longrepr = f"CI=true: a test that needs user namespaces may not skip: {reason}"
     return report
+
+
+def run_in_namespace(script: str, timeout: float) -> dict[str, Any]:
+    """Runs tests/`script` in a network namespace of its own (`unshare -rn`, where raw sockets
+    may forge sources) and returns the JSON object it prints. Use it from a fixture that takes
+    `user_namespaces`, so it skips where namespaces are refused (and fails in CI)."""
+    out = subprocess.run(
+        ["unshare", "-rn", sys.executable, str(Path(__file__).with_name(script))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+class Collect(logging.Handler):
+    """Keeps every record it is handed: level NOTSET, so it filters nothing itself."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 # Figures the fault and attack tests measure (amplification, false expiries, stop latency...):

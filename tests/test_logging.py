@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import udpchat
-from conftest import recv, wait_until
+from conftest import Collect, recv, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
 
 
@@ -52,17 +52,6 @@ def test_expiry_and_client_lifecycle_are_logged(caplog: pytest.LogCaptureFixture
     messages = [(r.name, r.getMessage()) for r in caplog.records]
     assert ("udpchat.server", f"{me} expired after 100ms of silence") in messages
     assert any(name == "udpchat.client" and msg == f"{me} stopped" for name, msg in messages)
-
-
-class Collect(logging.Handler):
-    """Keeps every record it is handed: level NOTSET, so it filters nothing itself."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture

@@ -13,17 +13,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import register, wait_until
+from conftest import Collect, register, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import resource
 import socket
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +19,7 @@ from conftest import (
     granted_for,
     recv,
     room,
+    run_in_namespace,
     wait_until,
 )
 from udpchat import ChatClientUdp, ChatServerUdp
@@ -34,15 +33,7 @@ MakeServer = Callable[..., ChatServerUdp]
 def attacks(user_namespaces: None) -> dict[str, Any]:
     """Runs tests/netns_attacks.py in a network namespace of its own, once. Skips where user
     namespaces are refused, except in CI, where that fails (see conftest.py)."""
-    out = subprocess.run(
-        ["unshare", "-rn", sys.executable, str(Path(__file__).with_name("netns_attacks.py"))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    return run_in_namespace("netns_attacks.py", timeout=60)
 
 
 def test_forged_reg_amplification(attacks: dict[str, Any], figure: Callable[[str], None]) -> None:
