@@ -59,16 +59,18 @@ struct Shared {
 struct Validation {
     /// This client's token, once a validated-mode server has given one.
     token: Option<[u8; TOKEN_LEN]>,
-    /// Messages sent before a token came, within `HANDSHAKE_GRACE` of start.
+    /// Messages sent before a token came, within `HANDSHAKE_GRACE` of start: a validated server
+    /// dropped them, so they go again with the token. Emptied when the grace period ends (an open
+    /// server never sends a token).
     unsent: Vec<Vec<u8>>,
 }
 
-impl Shared {
+impl Validation {
     /// `body` as this client sends it: with its token, padded, once it has one; control words
     /// padded before that (so a validated server may challenge them); messages as they are.
     fn frame(&self, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
-        if let Some(token) = lock(&self.validation).token {
+        if let Some(token) = self.token {
             out.extend_from_slice(&token);
             out.push(b' ');
             out.extend_from_slice(body);
@@ -82,30 +84,49 @@ impl Shared {
         out
     }
 
+    /// Forgets what was kept once the grace period that began at `started` has ended.
+    fn forget_after_grace(&mut self, started: Instant) {
+        if !self.unsent.is_empty() && started.elapsed() >= HANDSHAKE_GRACE {
+            self.unsent = Vec::new();
+        }
+    }
+}
+
+impl Shared {
     /// Frames and sends `body`. A connected UDP socket reports an ICMP error for an earlier
     /// datagram on the next call: it says the server was unreachable then, not that this datagram
     /// failed, so the send is tried once more.
     fn send(&self, body: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
-        let datagram = self.frame(body);
-        match net::send(&self.socket, &datagram, None, stop) {
-            Err(e) if net::is_icmp_error(&e) => net::send(&self.socket, &datagram, None, stop),
+        let datagram = {
+            let mut validation = lock(&self.validation);
+            validation.forget_after_grace(self.started);
+            validation.frame(body)
+        };
+        self.send_framed(&datagram, stop)
+    }
+
+    fn send_framed(&self, datagram: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
+        match net::send(&self.socket, datagram, None, stop) {
+            Err(e) if net::is_icmp_error(&e) => net::send(&self.socket, datagram, None, stop),
             other => other,
         }
     }
 
-    /// Sends a chat message, keeping it for the handshake if it may have been dropped for want
-    /// of a token.
+    /// Sends a chat message. Whether it is kept for the handshake and how it is framed are
+    /// decided under one lock, so a token arriving meanwhile cannot make it go out twice.
     fn send_message(&self, body: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
-        {
+        let datagram = {
             let mut validation = lock(&self.validation);
+            validation.forget_after_grace(self.started);
             if validation.token.is_none()
                 && self.started.elapsed() < HANDSHAKE_GRACE
                 && validation.unsent.len() < UNSENT_MAX
             {
                 validation.unsent.push(body.to_vec());
             }
-        }
-        self.send(body, stop)
+            validation.frame(body)
+        };
+        self.send_framed(&datagram, stop)
     }
 }
 
@@ -287,10 +308,9 @@ impl net::Handler for Receive<'_> {
             // Never log holding the lock: a Python thread may wait for it with the GIL held.
             let (first, unsent) = {
                 let mut validation = lock(&shared.validation);
-                (
-                    validation.token.replace(token).is_none(),
-                    std::mem::take(&mut validation.unsent),
-                )
+                validation.forget_after_grace(shared.started);
+                let first = validation.token.replace(token).is_none();
+                (first, std::mem::take(&mut validation.unsent))
             };
             if first {
                 info!("validated by the server at {from}");

@@ -12,6 +12,8 @@ pub enum Error {
     NotRunning(&'static str),
     /// `start` on a server or client (named) that is running.
     AlreadyRunning(&'static str),
+    /// A server or client (named) started by a parent process, used in a forked child.
+    Forked(&'static str),
     /// A core thread panicked; the message is the panic's.
     Panicked(String),
 }
@@ -31,6 +33,11 @@ impl fmt::Display for Error {
             Error::Io { context, source } => write!(f, "{context}: {source}"),
             Error::NotRunning(what) => write!(f, "{what} is not running"),
             Error::AlreadyRunning(what) => write!(f, "{what} is already running"),
+            Error::Forked(what) => write!(
+                f,
+                "this {what} was started in the parent process before fork(); it belongs to \
+                 the parent: start a new one here"
+            ),
             Error::Panicked(msg) => write!(f, "a udpchat thread panicked: {msg}"),
         }
     }

@@ -1,6 +1,11 @@
 //! The start/stop state of a server or client object: at most one core at a time, replaced by a
 //! new `start`, taken out by `stop`. No Python here; the binding layer calls `start` and `stop`
-//! with the GIL released, since both block and core threads may be logging into Python.
+//! with the GIL released, since both block.
+//!
+//! A core belongs to the process that started it. After `fork()` the child has a copy of the
+//! object but none of its threads, and its socket is shared with the parent: there the object
+//! is not running, `stop()` forgets it without a word on the wire, and every other use is
+//! `Error::Forked`.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,9 +37,15 @@ pub trait Core: Send + Sync + 'static {
     }
 }
 
+/// A core and the process that started it.
+struct Started<T> {
+    core: Arc<T>,
+    pid: u32,
+}
+
 /// The core of one object. The mutex is held only to clone or swap the `Arc`, never across a
 /// call that could wait (for the GIL or anything else), so it is safe to take with the GIL held.
-pub struct Slot<T>(Mutex<Option<Arc<T>>>);
+pub struct Slot<T>(Mutex<Option<Started<T>>>);
 
 impl<T: Core> Default for Slot<T> {
     fn default() -> Self {
@@ -43,18 +54,22 @@ impl<T: Core> Default for Slot<T> {
 }
 
 impl<T: Core> Slot<T> {
-    /// The last core started, running or not.
-    pub fn get(&self) -> Option<Arc<T>> {
-        lock(&self.0).clone()
+    /// The last core started, running or not; `Forked` if it was started by a parent process.
+    pub fn get(&self) -> Result<Option<Arc<T>>> {
+        match &*lock(&self.0) {
+            Some(started) if started.pid != std::process::id() => Err(Error::Forked(T::NAME)),
+            started => Ok(started.as_ref().map(|s| Arc::clone(&s.core))),
+        }
     }
 
+    /// False if stopped, ended, or started by a parent process.
     pub fn running(&self) -> bool {
-        self.get().is_some_and(|c| c.running())
+        self.get().ok().flatten().is_some_and(|c| c.running())
     }
 
     /// The core if it is running; else `NotRunning`, or `Panicked` if one of its threads died.
     pub fn running_core(&self) -> Result<Arc<T>> {
-        match self.get() {
+        match self.get()? {
             Some(core) if core.running() => return Ok(core),
             Some(core) => core.failure()?,
             None => {}
@@ -67,11 +82,13 @@ impl<T: Core> Slot<T> {
         if self.running() {
             return Err(Error::AlreadyRunning(T::NAME));
         }
-        let core = Arc::new(start()?);
-        let old = lock(&self.0).replace(core);
+        let started = Started {
+            core: Arc::new(start()?),
+            pid: std::process::id(),
+        };
+        let old = lock(&self.0).replace(started);
         if let Some(old) = old {
-            // One that ended by itself (the server's `end`, a panic) still has threads to join.
-            old.stop();
+            old.retire();
         }
         Ok(())
     }
@@ -80,12 +97,39 @@ impl<T: Core> Slot<T> {
     /// `keep` sees it stopped, to save what should outlive it. `Panicked` if one of its threads
     /// had died. Blocks.
     pub fn stop(&self, keep: impl FnOnce(&T)) -> Result<()> {
-        let core = lock(&self.0).take();
-        if let Some(core) = core {
-            core.stop();
+        let started = lock(&self.0).take();
+        if let Some(core) = started.and_then(Started::retire) {
             keep(&core);
             core.failure()?;
         }
         Ok(())
+    }
+}
+
+impl<T> Drop for Slot<T> {
+    fn drop(&mut self) {
+        let started = self
+            .0
+            .get_mut()
+            .map(Option::take)
+            .unwrap_or_else(|e| e.into_inner().take());
+        if let Some(started) = started.filter(|s| s.pid != std::process::id()) {
+            std::mem::forget(started.core); // see `Started::retire`
+        }
+    }
+}
+
+impl<T: Core> Started<T> {
+    /// Stops the core (one that ended by itself still has threads to join) and gives it back;
+    /// in a forked child, forgets it instead: its threads are the parent's, and so is the socket
+    /// `end` or `quit` would go out on. Forgotten, not dropped: a lock the parent's threads held
+    /// at the fork stays locked in the child, and dropping could wait on one.
+    fn retire(self) -> Option<Arc<T>> {
+        if self.pid != std::process::id() {
+            std::mem::forget(self.core);
+            return None;
+        }
+        self.core.stop();
+        Some(self.core)
     }
 }

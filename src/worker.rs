@@ -64,6 +64,8 @@ pub struct Workers {
     /// "server" or "client", for errors.
     name: &'static str,
     stop: Arc<Stop>,
+    /// Set by `inject_panic`: each thread panics as it ends.
+    injected: Arc<AtomicBool>,
     failure: Arc<Mutex<Option<String>>>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -73,6 +75,7 @@ impl Workers {
         Ok(Workers {
             name,
             stop: Arc::new(Stop::new().map_err(|e| Error::io("cannot create stop pipe", e))?),
+            injected: Arc::default(),
             failure: Arc::default(),
             handles: Mutex::default(),
         })
@@ -87,10 +90,17 @@ impl Workers {
     pub fn spawn(&self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<()> {
         let stop = Arc::clone(&self.stop);
         let failure = Arc::clone(&self.failure);
+        let injected = Arc::clone(&self.injected);
         let thread_name = name.to_owned();
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
+                let body = move || {
+                    body();
+                    if injected.load(Ordering::Acquire) {
+                        panic!("a panic injected by a test");
+                    }
+                };
                 if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(body)) {
                     let msg = payload
                         .downcast_ref::<&str>()
@@ -105,6 +115,14 @@ impl Workers {
             .map_err(|e| Error::io(format!("cannot spawn thread {name}"), e))?;
         lock(&self.handles).push(handle);
         Ok(())
+    }
+
+    /// Makes every thread end and panic as it does, as a bug would, and waits until they have:
+    /// for tests of what a panic does to the object around it, which nothing else can make
+    /// happen on purpose. Call it with the GIL released.
+    pub fn inject_panic(&self) {
+        self.injected.store(true, Ordering::Release);
+        self.stop_and_join();
     }
 
     /// True until stopped or until a thread panicked.

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,6 +47,69 @@ def wait_until(predicate: Callable[[], bool], timeout: float = TIMEOUT, step: fl
             return True
         time.sleep(step)
     return predicate()
+
+
+def rcvbuf(sock: socket.socket) -> int:
+    """The receive buffer the kernel granted `sock`, as SO_RCVBUF reads it back: twice what was
+    asked, capped at twice net.core.rmem_max (212,992 bytes on a stock kernel), or
+    net.core.rmem_default for a socket that never asked."""
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+def default_rcvbuf() -> int:
+    """The receive buffer of a socket that never asks for one (a server without `rcvbuf`)."""
+    with socket.socket(type=socket.SOCK_DGRAM) as sock:
+        return rcvbuf(sock)
+
+
+def granted_for(request: int) -> int:
+    """The receive buffer a socket (a server's `rcvbuf=request`) is granted on this host."""
+    with socket.socket(type=socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, request)
+        return rcvbuf(sock)
+
+
+_ROOM: dict[tuple[int, int], int] = {}
+
+
+def room(granted: int, size: int) -> int:
+    """How many datagrams of `size` bytes a receive buffer of `granted` bytes (as `rcvbuf`
+    reads it back) holds unread before the kernel drops one. Measured, once per pair: the kernel
+    charges each datagram its allocation's true size (832 bytes for a small one here, 16 KiB for
+    9,000 bytes), not its length. Anything that upsets the measurement makes it smaller, never
+    larger."""
+    key = (granted, size)
+    if key not in _ROOM:
+        with (
+            socket.socket(type=socket.SOCK_DGRAM) as probe,
+            socket.socket(type=socket.SOCK_DGRAM) as sender,
+        ):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, max(granted // 2, 1))
+            probe.bind(("127.0.0.1", 0))
+            assert rcvbuf(probe) <= granted, (rcvbuf(probe), granted)
+            data = b"x" * size
+            # None is charged less than its length, nor less than 512 bytes: this is enough.
+            sent = granted // max(size, 512) + 64
+            for _ in range(sent):
+                sender.sendto(data, probe.getsockname())
+            time.sleep(0.01)
+            probe.setblocking(False)
+            fitted = 0
+            with contextlib.suppress(BlockingIOError):
+                for _ in range(sent):
+                    probe.recv(70_000)
+                    fitted += 1
+        assert fitted < sent, (granted, size, "all fitted: send more")
+        assert fitted > 0, (granted, size)
+        _ROOM[key] = fitted
+    return _ROOM[key]
+
+
+def main_thread_asleep(pid: int) -> bool:
+    """Whether process `pid`'s main thread is asleep (state S: blocked, as in a recv or an
+    input(); a thread waiting for a CPU on a loaded machine shows R)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "S"
 
 
 def thread_count() -> int:
@@ -112,6 +181,74 @@ def register(sock: socket.socket, server: ChatServerUdp) -> Addr:
     me: Addr = sock.getsockname()[:2]
     assert wait_until(lambda: me in server.clients), server.clients
     return me
+
+
+def _user_namespaces_refused() -> str | None:
+    """Why `unshare -rn` (a user and network namespace of our own) fails here, or None."""
+    try:
+        out = subprocess.run(["unshare", "-rn", "true"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"cannot run `unshare -rn`: {e}"
+    if out.returncode != 0:
+        return f"`unshare -rn` exits {out.returncode}: {out.stderr.strip() or 'no message'}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def user_namespaces() -> None:
+    """Every test that needs a namespace of its own (to forge source addresses from raw sockets)
+    asks for this fixture. Where unprivileged user namespaces are refused (Docker's defaults,
+    Ubuntu 24.04's AppArmor) it skips with the reason; in CI it fails instead (below)."""
+    reason = _user_namespaces_refused()
+    if reason is not None:
+        pytest.skip(f"unprivileged user namespaces are refused here, {reason}")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In CI (CI=true), a namespace test that skips, for whatever reason, is a failure: CI must
+    not stay green with the forged-source guarantees untested."""
+    report = yield
+    if (
+        report.skipped
+        and not hasattr(report, "wasxfail")
+        and _in_ci()
+        and "user_namespaces" in getattr(item, "fixturenames", ())
+    ):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a test that needs user namespaces may not skip: {reason}"
+    return report
+
+
+def run_in_namespace(script: str, timeout: float) -> dict[str, Any]:
+    """Runs tests/`script` in a network namespace of its own (`unshare -rn`, where raw sockets
+    may forge sources) and returns the JSON object it prints. Use it from a fixture that takes
+    `user_namespaces`, so it skips where namespaces are refused (and fails in CI)."""
+    out = subprocess.run(
+        ["unshare", "-rn", sys.executable, str(Path(__file__).with_name(script))],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+class Collect(logging.Handler):
+    """Keeps every record it is handed: level NOTSET, so it filters nothing itself."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 # Figures the fault and attack tests measure (amplification, false expiries, stop latency...):

@@ -7,12 +7,14 @@ Not a test module: tests/test_security.py runs it and checks what it prints.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import struct
 import subprocess
 import sys
 import time
 
+import udpchat
 from udpchat import ChatClientUdp, ChatServerUdp
 
 SERVER_IP = "127.0.0.1"
@@ -40,6 +42,15 @@ def drain(sock: socket.socket) -> list[bytes]:
         return got
 
 
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def wait_until(predicate, timeout: float = 3.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,7 +72,10 @@ def amplification(validate: bool, forged: bytes) -> dict[str, float]:
         for i in range(100):
             client.send(f"message {i}")
             time.sleep(0.002)
-        assert wait_until(lambda: server.stats()["broadcasts"] >= 100)
+        # Every broadcast sent to every member (the client, and in open mode the victim), then
+        # a moment for the last datagrams to land.
+        members = len(server.clients)
+        assert wait_until(lambda: server.stats()["deliveries"] >= 100 * members, timeout=10)
         time.sleep(0.1)
         got = drain(victim)
         return {
@@ -75,22 +89,42 @@ def amplification(validate: bool, forged: bytes) -> dict[str, float]:
 
 def forged_control() -> dict[str, object]:
     """Forged `^hb^` and `quit` for a validated client's address, and from a new address."""
-    with ChatServerUdp(SERVER_IP, 0, interval=1.0, validate=True) as server, \
-         ChatClientUdp(*server.address, interval=0.2) as client:  # fmt: skip
-        assert wait_until(lambda: client.validated and client.address in server.clients)
+    # Heartbeats every 5 s: a forged quit that worked would still show when it is checked.
+    with ChatServerUdp(SERVER_IP, 0, interval=10.0, validate=True) as server, \
+         ChatClientUdp(*server.address, interval=5.0) as client, \
+         ChatClientUdp(*server.address, interval=5.0) as witness:  # fmt: skip
+        assert wait_until(
+            lambda: all(c.validated and c.address in server.clients for c in (client, witness))
+        )
+        # What the server logs from here on: a forged quit that worked would log "left", even
+        # if the client registered again at once (a forged padded datagram gets it challenged,
+        # and it answers).
+        log = Collect()
+        logging.getLogger("udpchat").addHandler(log)
         token_guess = b"0" * 32
         for body in (b"quit", b"quit".ljust(64), token_guess + b" quit", b"^hb^", b"reg"):
             forge(client.address, server.address, body)
         stranger = ("127.0.0.3", 4444)
         for body in (b"^hb^", b"reg", token_guess + b" ^hb^", b"hello"):
             forge(stranger, server.address, body)
-        time.sleep(0.2)
+        # The witness's message reaches the server after the forgeries: once it is relayed, they
+        # have all been read, however slow the machine.
+        witness.send("after the forgeries")
+        relayed = witness.recv(5)
         still_there = client.address in server.clients
-        client.send("after the forgeries")
-        echoed = client.recv(2)
+        me = "{}:{}".format(*client.address)
+        left = [m for m in log.messages if m == f"{me} left"]
+        client.send("still served")
+        echoed = None
+        for _ in range(10):  # the witness's message first, then its own
+            echoed = client.recv(2)
+            if echoed is None or echoed.text == "still served":
+                break
         return {
+            "witness_relayed": relayed is not None and relayed.text == "after the forgeries",
             "client_registered": still_there,
-            "client_still_served": echoed is not None and echoed.text == "after the forgeries",
+            "client_left": bool(left),
+            "client_still_served": echoed is not None and echoed.text == "still served",
             "stranger_registered": stranger in server.clients,
             "dropped_unvalidated": server.stats()["dropped_unvalidated"],
             "dropped_malformed": server.stats()["dropped_malformed"],
@@ -124,6 +158,8 @@ def bad_sources() -> dict[str, object]:
 
 
 def main() -> None:
+    logging.getLogger("udpchat").setLevel(logging.INFO)
+    udpchat.reset_log_cache()
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     results = {
         # The tutorial's own `reg`, and the padded one a validated-mode client sends.

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import IO
 
 import pytest
-from conftest import ack, recv
+from conftest import ack, main_thread_asleep, recv, wait_until
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -112,12 +112,32 @@ def test_chat_exits_when_the_server_ends(served: tuple[Proc, tuple[str, int]]) -
     chat = Proc("chat", "--port", str(address[1]))
     try:
         server.expect("stderr", r"joined")
+        # At its prompt: it has relayed a line, and its main thread is asleep again, which after
+        # that can only be reading the next line. (An `end` before the prompt: the next test.)
+        chat.write("ping\n")
+        chat.expect("stdout", r"\] ping$")
+        assert wait_until(lambda: main_thread_asleep(chat.popen.pid), timeout=5, step=0.005)
         server.popen.send_signal(signal.SIGTERM)
         assert server.popen.wait(5) == 0
         chat.expect("stdout", r"the server ended the chat")
         assert chat.popen.wait(5) == 0
     finally:
         chat.close()
+
+
+def test_chat_says_the_server_ended_it_even_before_its_first_prompt() -> None:
+    # A plain socket plays the server and answers the chat's `reg` with `end` at once.
+    with socket.socket(type=socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.settimeout(5)
+        chat = Proc("chat", "--port", str(server.getsockname()[1]))
+        try:
+            _, addr = server.recvfrom(100)
+            server.sendto(b"end", addr)
+            chat.expect("stdout", r"the server ended the chat")
+            assert chat.popen.wait(5) == 0
+        finally:
+            chat.close()
 
 
 def test_chat_leaves_on_end_of_input(served: tuple[Proc, tuple[str, int]]) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import socket
+import statistics
 import time
 from collections.abc import Callable
 
 import pytest
+import udpchat
 from conftest import ack, assert_silent, recv, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp, Message
 
@@ -40,6 +43,14 @@ def plain_server() -> socket.socket:
     sock.close()
 
 
+def past_heartbeats(sock: socket.socket) -> bytes:
+    """The first datagram that is not a heartbeat (at most 100 looked at, 2 s each)."""
+    for _ in range(100):
+        if (data := recv(sock)).strip() != b"^hb^":
+            return data
+    pytest.fail("only heartbeats")
+
+
 def test_client_speaks_the_tutorial_protocol(
     plain_server: socket.socket, make_client: MakeClient
 ) -> None:
@@ -51,13 +62,9 @@ def test_client_speaks_the_tutorial_protocol(
     assert addr == client.address
     assert recv(plain_server).strip() == b"^hb^"
     client.send("hello")
-    while (data := recv(plain_server)).strip() == b"^hb^":
-        pass
-    assert data == b"hello"  # messages go as they are
+    assert past_heartbeats(plain_server) == b"hello"  # messages go as they are
     client.send()  # the tutorial's default message
-    while (data := recv(plain_server)).strip() == b"^hb^":
-        pass
-    assert data.strip() == b"quit"
+    assert past_heartbeats(plain_server).strip() == b"quit"
 
 
 def test_client_parses_acks_and_ends_on_end(
@@ -103,14 +110,26 @@ def test_a_client_only_hears_its_server(
     client = make_client(plain_server.getsockname())
     with socket.socket(type=socket.SOCK_DGRAM) as stranger:
         stranger.sendto(b"ack: 1.2.3.4 5\nspoof\n", client.address)
-    assert client.recv(0.2) is None
+    # The server's own datagram, sent after the stranger's, is the first the client hands over.
+    plain_server.sendto(b"ack: 1.2.3.4 5\nreal\n", client.address)
+    got = client.recv(2)
+    assert got is not None and got.text == "real", got
+    assert client.recv(0.1) is None
 
 
-def test_recv_timeout_is_honoured(plain_server: socket.socket, make_client: MakeClient) -> None:
+def test_recv_timeout_is_honoured(
+    plain_server: socket.socket, make_client: MakeClient, figure: Callable[[str], None]
+) -> None:
     client = make_client(plain_server.getsockname())
-    t0 = time.monotonic()
-    assert client.recv(timeout=0.2) is None
-    assert 0.19 <= time.monotonic() - t0 < 0.5
+    waits = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        assert client.recv(timeout=0.2) is None
+        waits.append(time.monotonic() - t0)
+    figure(f"recv(timeout=0.2) with nothing to receive: {', '.join(f'{w:.3f}' for w in waits)} s")
+    # Never early (a loaded machine only makes it later); on time, judged by the median.
+    assert min(waits) >= 0.19, waits
+    assert statistics.median(waits) < 0.5, waits
     assert client.recv(timeout=0) is None
     with pytest.raises(ValueError):
         client.recv(timeout=-1)
@@ -120,14 +139,32 @@ def test_recv_before_start_returns_none() -> None:
     assert ChatClientUdp(port=9).recv(0) is None
 
 
-def test_client_keeps_running_when_the_server_is_gone(make_client: MakeClient) -> None:
+def test_client_keeps_running_when_the_server_is_gone(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="udpchat")
+    udpchat.reset_log_cache()
     with socket.socket(type=socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         gone = s.getsockname()
     client = make_client(gone, interval=0.05)
-    time.sleep(0.3)  # several heartbeats answered by ICMP port unreachable
+    # Its heartbeats are answered by ICMP port unreachable, which its connected socket reports.
+    assert wait_until(lambda: any("server unreachable" in r.getMessage() for r in caplog.records))
+    time.sleep(0.2)  # a few more
     assert client.running
-    client.send("anyone?")
+    # What comes back to that port finds the client still heartbeating, and hears what it sends.
+    with socket.socket(type=socket.SOCK_DGRAM) as back:
+        back.bind(gone)
+        back.settimeout(2)
+        data, source = back.recvfrom(100)
+        assert (data.strip(), source) == (b"^hb^", client.address)
+        client.send("anyone?")
+        for _ in range(100):  # heartbeats come every 50 ms; the message within 2 s
+            data, source = back.recvfrom(100)
+            if data.strip() != b"^hb^":
+                break
+        assert (data, source) == (b"anyone?", client.address)
+    assert client.running
 
 
 def test_context_managers_start_and_stop(make_peer: Callable[..., socket.socket]) -> None:
@@ -176,14 +213,16 @@ def test_a_client_registers_again_when_its_server_comes_back(make_client: MakeCl
 
 
 def test_recv_many_takes_what_is_waiting(server: ChatServerUdp, make_client: MakeClient) -> None:
-    client = make_client(server.address)
-    for i in range(10):
+    # A queue of 10 and 11 messages: once the 11th is dropped for want of room, the 10 before it
+    # are certainly waiting, however slow the machine.
+    client = make_client(server.address, max_queue=10)
+    for i in range(11):
         client.send(f"m{i}")
-    assert wait_until(lambda: server.stats()["deliveries"] == 10)
-    time.sleep(0.05)
+    assert wait_until(lambda: client.dropped == 1)
     first = client.recv_many(4, timeout=1)
     rest = client.recv_many(timeout=1)
-    assert [m.text for m in first + rest] == [f"m{i}" for i in range(10)]
+    assert [m.text for m in first] == [f"m{i}" for i in range(4)]
+    assert [m.text for m in rest] == [f"m{i}" for i in range(4, 10)]
     assert client.recv_many(timeout=0.05) == []
     with pytest.raises(ValueError):
         client.recv_many(0)

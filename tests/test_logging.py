@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import udpchat
-from conftest import recv, wait_until
+from conftest import Collect, recv, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
 
 
@@ -54,9 +54,73 @@ def test_expiry_and_client_lifecycle_are_logged(caplog: pytest.LogCaptureFixture
     assert any(name == "udpchat.client" and msg == f"{me} stopped" for name, msg in messages)
 
 
-def test_disabled_levels_emit_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="udpchat")
+@pytest.fixture
+def udpchat_logger() -> Iterator[tuple[logging.Logger, Collect]]:
+    """The `udpchat` logger with a handler of its own that filters nothing, so what reaches the
+    handler is what the Rust side chose to emit: a level set on the logger is applied by the
+    Rust side only (pyo3-log asks `isEnabledFor` and caches the answer; `Logger.handle`, which
+    it calls, checks no level). caplog cannot show this: its handler filters by level too."""
+    logger = logging.getLogger("udpchat")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        udpchat.reset_log_cache()
+
+
+def _join_drop_and_leave(make_peer: Callable[..., socket.socket]) -> None:
+    """A server that logs a join and a leave (INFO) and a dropped datagram (WARNING)."""
+    with ChatServerUdp(port=0, max_datagram=10) as server:
+        a = make_peer()
+        a.sendto(b"hello", server.address)
+        recv(a)
+        a.sendto(b"x" * 11, server.address)
+        a.sendto(b"quit", server.address)
+        me = a.getsockname()
+        assert wait_until(
+            lambda: server.stats()["dropped_oversize"] == 1 and me not in server.clients
+        )
+    # stop() has joined the server's threads: everything it logged has been handed over.
+
+
+def _levels(handler: Collect) -> set[int]:
+    return {r.levelno for r in handler.records if r.name.startswith("udpchat")}
+
+
+def test_the_logger_level_is_applied_on_the_rust_side(
+    udpchat_logger: tuple[logging.Logger, Collect], make_peer: Callable[..., socket.socket]
+) -> None:
+    logger, handler = udpchat_logger
+    logger.setLevel(logging.WARNING)
     udpchat.reset_log_cache()
-    with ChatServerUdp(port=0):
-        pass
-    assert [r for r in caplog.records if r.name.startswith("udpchat")] == []
+    _join_drop_and_leave(make_peer)
+    # The warning comes through (the handler does see what is emitted); the joins and leaves
+    # at INFO were never emitted.
+    assert _levels(handler) == {logging.WARNING}, [r.getMessage() for r in handler.records]
+
+
+def test_disabled_levels_emit_nothing(
+    udpchat_logger: tuple[logging.Logger, Collect], make_peer: Callable[..., socket.socket]
+) -> None:
+    logger, handler = udpchat_logger
+    logger.setLevel(logging.ERROR)
+    udpchat.reset_log_cache()
+    _join_drop_and_leave(make_peer)
+    assert handler.records == []
+
+
+def test_reset_log_cache_makes_a_new_level_count(
+    udpchat_logger: tuple[logging.Logger, Collect], make_peer: Callable[..., socket.socket]
+) -> None:
+    logger, handler = udpchat_logger
+    logger.setLevel(logging.ERROR)
+    udpchat.reset_log_cache()
+    _join_drop_and_leave(make_peer)  # the Rust side caches ERROR for udpchat.server
+    assert handler.records == []
+    logger.setLevel(logging.INFO)
+    udpchat.reset_log_cache()
+    _join_drop_and_leave(make_peer)
+    assert _levels(handler) == {logging.INFO, logging.WARNING}

@@ -8,22 +8,15 @@ import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import register, wait_until
+import udpchat
+from conftest import Collect, register, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
-
-
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.NOTSET)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 @pytest.fixture
@@ -33,11 +26,13 @@ def logger() -> Iterator[tuple[logging.Logger, Collect]]:
     handler, level = Collect(), log.level
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    udpchat.reset_log_cache()
     try:
         yield log, handler
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+        udpchat.reset_log_cache()
 
 
 class Interrupting(logging.Filter):
@@ -100,51 +95,81 @@ import socket, sys, time
 server = (sys.argv[1], int(sys.argv[2]))
 me = socket.socket(type=socket.SOCK_DGRAM)
 me.bind(("127.0.0.1", 0))
-me.settimeout(1)
+me.settimeout(20)
 me.sendto(b"reg", server)
 time.sleep(0.2)
-for i in range(500):  # 500 joins and leaves, each a log record at INFO
+for i in range(20):  # 20 joins and leaves, each a log record at INFO
     s = socket.socket(type=socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     s.sendto(b"reg", server)
     s.sendto(b"quit", server)
     s.close()
-    if i % 20 == 19:
-        time.sleep(0.001)  # paced, so a stock-sized socket buffer at the server keeps them all
-for attempt in range(5):  # a probe the kernel dropped is sent again, and timed from then
-    probe = b"probe %d" % attempt
-    t0 = time.perf_counter()
-    me.sendto(probe, server)
-    try:
-        while not me.recv(70000).endswith(b"\n" + probe + b"\n"):
-            pass
-    except TimeoutError:
-        continue
-    print((time.perf_counter() - t0) * 1000)
-    break
+t0 = time.perf_counter()
+me.sendto(b"probe", server)
+while not me.recv(70000).endswith(b"\nprobe\n"):
+    pass
+print((time.perf_counter() - t0) * 1000)
 """
 
 
+class Slow(logging.Handler):
+    """A handler that takes 100 ms a record, as a busy Python program or a slow sink does."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        time.sleep(0.1)
+
+
 @pytest.mark.timeout(60)
-def test_info_logging_with_churn_does_not_stall_the_server_on_a_busy_host(
+def test_a_slow_log_handler_does_not_slow_the_relay(
     logger: tuple[logging.Logger, Collect], figure: Callable[[str], None]
 ) -> None:
-    with ChatServerUdp(port=0) as server:
-        assert server.address is not None
-        churn = subprocess.Popen(
-            [sys.executable, "-c", CHURN, *map(str, server.address)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        # Python busy meanwhile: the GIL is held but for the interpreter's switch interval.
-        deadline = time.monotonic() + 30
-        while churn.poll() is None and time.monotonic() < deadline:
-            sum(i * i for i in range(10_000))
-        out, _ = churn.communicate(timeout=10)
+    log, _ = logger
+    slow = Slow()
+    log.addHandler(slow)
+    try:
+        with ChatServerUdp(port=0) as server:
+            assert server.address is not None
+            churn = subprocess.Popen(
+                [sys.executable, "-c", CHURN, *map(str, server.address)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            out, _ = churn.communicate(timeout=30)
+    finally:
+        log.removeHandler(slow)
     relayed_ms = float(out)
-    figure(
-        f"500 joins and leaves at INFO, Python busy: next message relayed in {relayed_ms:.1f} ms"
-    )
-    # 0.1 took 528 ms here (each record waited for the GIL on the receiving thread); the
+    figure(f"20 joins and leaves, 100 ms a log record: next message relayed in {relayed_ms:.1f} ms")
+    # 0.1 logged from the receiving thread, which waited for each record: 40 of them, 4 s. The
     # bound leaves a loaded 2-core machine plenty of room.
     assert relayed_ms < 250
+
+
+def test_a_handler_may_stop_the_server_it_hears_from(
+    logger: tuple[logging.Logger, Collect],
+    make_peer: Callable[..., socket.socket],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Handlers run on udpchat's logging thread, never on a thread stop() must join.
+    _, handler = logger
+    server = ChatServerUdp(port=0)
+    peer = make_peer()
+    joined = "{}:{} joined".format(*peer.getsockname())
+    stopped = threading.Event()
+
+    class StopOnJoin(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage() == joined:
+                server.stop()
+                stopped.set()
+            return True
+
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    handler.addFilter(StopOnJoin())
+    with server:
+        assert server.address is not None
+        peer.sendto(b"reg", server.address)
+        assert stopped.wait(5)
+        assert not server.running
+    assert reported == []
+    assert any(r.getMessage().startswith("stopped serving") for r in handler.records)

@@ -4,16 +4,12 @@ sends without relaying are rate-limited without refusing a real burst of clients
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import run_in_namespace, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
 
 # The reply limit the README states per address (challenges and welcomes a second, in bursts of
@@ -23,27 +19,10 @@ REPLIES_PER_ADDRESS = 16
 NO_LOOP = 10
 
 
-def _can_unshare() -> bool:
-    try:
-        return subprocess.run(["unshare", "-rn", "true"], timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 @pytest.fixture(scope="module")
-def loops() -> dict[str, Any]:
+def loops(user_namespaces: None) -> dict[str, Any]:
     """Runs tests/netns_loops.py in a network namespace of its own, once."""
-    if not _can_unshare():
-        pytest.skip("unshare -rn is not allowed here: no raw sockets to forge sources with")
-    out = subprocess.run(
-        ["unshare", "-rn", sys.executable, str(Path(__file__).with_name("netns_loops.py"))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
+    return run_in_namespace("netns_loops.py", timeout=120)
 
 
 def test_a_datagram_forged_from_the_servers_own_address_starts_nothing(

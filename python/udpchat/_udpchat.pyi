@@ -21,10 +21,10 @@ MAX_DATAGRAM: int
 ``max_datagram``."""
 
 def reset_log_cache() -> None:
-    """Make udpchat re-read the levels of its ``udpchat.*`` loggers.
+    """Make udpchat read the levels of its ``udpchat.*`` loggers now.
 
-    udpchat caches them so that a disabled level costs nothing on the hot path; call this after
-    changing those levels at run time.
+    It reads them again by itself a few times a second (a disabled level then costs nothing on
+    the hot path); call this for a change to take effect at once.
     """
 
 @final

@@ -9,7 +9,7 @@ use super::args::{Arg, MAX_QUEUE};
 use super::message::Message;
 use super::{lifecycle_methods, to_py};
 use crate::client::{Client, ClientConfig};
-use crate::lifecycle::Slot;
+use crate::lifecycle::{Core, Slot};
 
 /// How long a blocking wait runs with the GIL released before it checks for Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(50);
@@ -36,7 +36,7 @@ impl ChatClientUdp {
         timeout: Option<Duration>,
     ) -> PyResult<Option<(Arc<Client>, Vec<u8>)>> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        let Some(core) = self.core.get() else {
+        let Some(core) = self.core.get().map_err(to_py)? else {
             return Ok(None);
         };
         // A message already waiting is taken without releasing the GIL at all.
@@ -50,7 +50,11 @@ impl ChatClientUdp {
             });
             match py.detach(|| core.messages().recv_timeout(slice)) {
                 Ok(datagram) => return Ok(Some((core, datagram))),
-                Err(RecvTimeoutError::Disconnected) => return Ok(None),
+                // Stopped, ended by the server, or a thread died: then this says so.
+                Err(RecvTimeoutError::Disconnected) => {
+                    core.failure().map_err(to_py)?;
+                    return Ok(None);
+                }
                 Err(RecvTimeoutError::Timeout) => {
                     py.check_signals()?;
                     if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -160,29 +164,28 @@ impl ChatClientUdp {
 
     /// When the server was last heard from (any datagram), as a Unix timestamp; None if never.
     #[getter]
-    fn last_heard(&self) -> Option<f64> {
-        let heard = self.core.get()?.last_heard()?;
-        Some(
-            heard
-                .duration_since(std::time::UNIX_EPOCH)
-                .ok()?
-                .as_secs_f64(),
-        )
+    fn last_heard(&self) -> PyResult<Option<f64>> {
+        let heard = self.core.get().map_err(to_py)?.and_then(|c| c.last_heard());
+        Ok(heard.and_then(|h| Some(h.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs_f64())))
     }
 
     /// True once a validated-mode server has given this client its token.
     #[getter]
-    fn validated(&self) -> bool {
-        self.core.get().is_some_and(|c| c.validated())
+    fn validated(&self) -> PyResult<bool> {
+        Ok(self
+            .core
+            .get()
+            .map_err(to_py)?
+            .is_some_and(|c| c.validated()))
     }
 
     /// Messages dropped because they arrived while ``max_queue`` messages were waiting unread.
     #[getter]
-    fn dropped(&self) -> u64 {
-        match self.core.get() {
+    fn dropped(&self) -> PyResult<u64> {
+        Ok(match self.core.get().map_err(to_py)? {
             Some(core) => core.dropped(),
             None => self.final_dropped.load(Ordering::Relaxed),
-        }
+        })
     }
 }
 

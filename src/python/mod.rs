@@ -21,7 +21,7 @@ fn to_py(err: Error) -> PyErr {
             Some(errno) => PyOSError::new_err((errno, err.to_string())),
             None => PyOSError::new_err(err.to_string()),
         },
-        Error::NotRunning(_) | Error::AlreadyRunning(_) | Error::Panicked(_) => {
+        Error::NotRunning(_) | Error::AlreadyRunning(_) | Error::Forked(_) | Error::Panicked(_) => {
             PyRuntimeError::new_err(err.to_string())
         }
     }
@@ -86,8 +86,21 @@ macro_rules! lifecycle_methods {
                 use crate::lifecycle::Core;
                 self.core
                     .get()
+                    .ok()
+                    .flatten()
                     .filter(|c| c.running())
                     .map(|c| $crate::python::py_addr(c.local_addr()))
+            }
+
+            /// For tests: makes every thread of the running core panic, as a bug would.
+            fn _inject_panic(&self) -> PyResult<()> {
+                use crate::lifecycle::Core;
+                self.core
+                    .running_core()
+                    .map_err(to_py)?
+                    .workers()
+                    .inject_panic();
+                Ok(())
             }
 
             fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {

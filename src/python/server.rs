@@ -117,7 +117,7 @@ impl ChatServerUdp {
     /// Counters since start (see the stub for each), the kernel's count of datagrams it dropped
     /// for want of buffer space, and the clients registered now. They outlive ``stop()``.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let stats = match self.core.get() {
+        let stats = match self.core.get().map_err(to_py)? {
             Some(core) => core.stats(),
             None => lock(&self.final_stats).clone(),
         };
@@ -128,7 +128,7 @@ impl ChatServerUdp {
     #[getter]
     fn clients<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
-        if let Some(core) = self.core.get().filter(|c| c.running()) {
+        if let Some(core) = self.core.get().map_err(to_py)?.filter(|c| c.running()) {
             for (addr, seen) in core.clients() {
                 let stamp = seen
                     .duration_since(UNIX_EPOCH)
