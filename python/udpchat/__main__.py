@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import ipaddress
 import logging
+import os
+import select
 import shutil
 import signal
 import sys
@@ -15,7 +18,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TextIO
 
-from ._udpchat import ChatClientUdp, ChatServerUdp, Message, __version__
+from ._udpchat import MAX_DATAGRAM, ChatClientUdp, ChatServerUdp, Message, __version__
 
 PROMPT = "> "
 # Sent by `chat`'s printing thread to its main thread when the server ends the chat.
@@ -26,11 +29,22 @@ class _ServerEnded(Exception):
     """Raised in `chat`'s main thread, waiting for input, when the server has ended the chat."""
 
 
+# Exit codes (the README's "The command line" lists them).
+EXIT_OK = 0  # left as asked: quit, end of input, the server's `end`, Ctrl-C or SIGTERM
+EXIT_FAILED = 1  # could not start (e.g. the address cannot be bound), or failed while running
+EXIT_USAGE = 2  # bad arguments: argparse's own code
+EXIT_INTERRUPTED = 130  # interrupted before a server or client was started (128 + SIGINT)
+
+
+class _Failed(Exception):
+    """Ends the command with EXIT_FAILED and this message, without a traceback."""
+
+
 def _interval(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         help="datagrams per second each source IP may send (default: no limit)",
     )
+    serve.set_defaults(subparser=serve)
     chat = commands.add_parser("chat", help="join a chat server: type lines to send them")
+    chat.set_defaults(subparser=chat)
     chat.add_argument("--ip", default="127.0.0.1", help="server address (default: %(default)s)")
     chat.add_argument("--port", type=int, default=9998, help="server port (default: %(default)s)")
     chat.add_argument(
@@ -71,26 +87,63 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+class _StopSignals:
+    """SIGINT (unless it was ignored when the program started) and SIGTERM ask to stop: the first
+    one is noted, never raised as an exception, so no signal, one or several, can interrupt a
+    start or a stop half done. `wait()` returns once one has come."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        # Python's own C handler writes each signal's number here, whichever thread the kernel
+        # picked: `wait()` wakes even when the main thread was not the one interrupted.
+        signal.set_wakeup_fd(self._write)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def wait(self) -> None:
+        while self.received is None:
+            select.select([self._read], [], [])
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._read, 512)
 
 
-def serve(ip: str, port: int, interval: float, validate: bool, rate_limit: float | None) -> int:
+def serve(server: ChatServerUdp, stop: _StopSignals) -> int:
     """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    server = ChatServerUdp(ip, port, interval, validate=validate, rate_limit=rate_limit)
-    if not validate and not ipaddress.ip_address(ip).is_loopback:
-        logging.getLogger("udpchat").warning(
-            "serving %s without --validate: anyone who can reach it can register a forged "
-            "address and turn it into a flood against a third party",
-            ip,
-        )
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    # An untimed wait is interruptible on POSIX: SIGINT and SIGTERM land in it, and leaving the
-    # `with` sends `end` to every client.
-    with server, contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
-    return 0
+    ip = server.ip
+    try:
+        server.start()
+    except OSError as e:
+        raise _Failed(f"cannot serve on {_host_port(ip, server.port)}: {_reason(e)}") from None
+    try:
+        # Only a server that did bind is worth the warning.
+        if not server.validate and not ipaddress.ip_address(ip).is_loopback:
+            logging.getLogger("udpchat").warning(
+                "serving %s without --validate: anyone who can reach it can register a forged "
+                "address and turn it into a flood against a third party",
+                ip,
+            )
+        stop.wait()
+    finally:
+        # Sends `end` to every client; further signals are only noted.
+        server.stop()
+    return EXIT_OK
+
+
+def _host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _reason(e: OSError) -> str:
+    """The OS's words for an error (`Address already in use`), without udpchat's prefix."""
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 def _typed_so_far() -> str:
@@ -150,36 +203,107 @@ def _format(msg: Message, width: int | None = None) -> str:
     return prefix + ("\n" + " " * indent).join(lines)
 
 
-def _show(msg: Message, out: TextIO, interactive: bool) -> None:
-    line = _format(msg, shutil.get_terminal_size().columns if out.isatty() else None)
-    if interactive:
-        # Print above the prompt and redraw it with what was typed so far.
-        out.write(f"\r\x1b[K{line}\n{PROMPT}{_typed_so_far()}")
-    else:
-        out.write(line + "\n")
-    out.flush()
+class _Screen:
+    """Where `chat` writes. On a terminal every line goes above the prompt, which is then redrawn
+    with what was typed so far, so neither a message nor a log record lands in the middle of the
+    line being typed; elsewhere, plain lines. One lock: nothing written interleaves."""
+
+    def __init__(self, interactive: bool) -> None:
+        self.interactive = interactive
+        self._lock = threading.Lock()
+
+    def write(self, text: str, out: TextIO) -> None:
+        with self._lock:
+            if self.interactive and out.isatty():
+                out.write(f"\r\x1b[K{text}\n{PROMPT}{_typed_so_far()}")
+            else:
+                out.write(text + "\n")
+            out.flush()
 
 
-def chat(ip: str, port: int, interval: float) -> int:
+class _ScreenLog(logging.Handler):
+    """Log records (a server unreachable, a full queue...) written through the screen."""
+
+    def __init__(self, screen: _Screen) -> None:
+        super().__init__()
+        self.screen = screen
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.screen.write(self.format(record), sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _show(msg: Message, screen: _Screen) -> None:
+    out = sys.stdout
+    screen.write(_format(msg, shutil.get_terminal_size().columns if out.isatty() else None), out)
+
+
+def _tolerant_streams() -> None:
+    """Bytes that are not text in the input are sent as they are (`surrogateescape` keeps them),
+    and text the output's encoding lacks is shown escaped: neither is an error."""
+    for stream, errors in (
+        (sys.stdin, "surrogateescape"),
+        (sys.stdout, "backslashreplace"),
+        (sys.stderr, "backslashreplace"),
+    ):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=errors)
+
+
+def _send(client: ChatClientUdp, line: str, screen: _Screen) -> bool:
+    """Sends one line as the bytes it came as. A line that cannot be sent is reported and the
+    chat goes on; False if the client is no longer running."""
+    data = line.encode("utf-8", "surrogateescape")
+    if len(data) > MAX_DATAGRAM:
+        screen.write(
+            f"udpchat: not sent: the line is {len(data):,} bytes, more than one datagram "
+            f"carries ({MAX_DATAGRAM:,})",
+            sys.stderr,
+        )
+        return True
+    try:
+        client.send(data)
+    except (ValueError, OSError) as e:
+        screen.write(f"udpchat: not sent: {e}", sys.stderr)
+    except RuntimeError:  # ended by the server meanwhile, or a thread died: stop() says which
+        return False
+    return True
+
+
+def chat(client: ChatClientUdp) -> int:
     """The tutorial's interactive client: each line typed is sent, broadcasts print as they come."""
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    _tolerant_streams()
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    screen = _Screen(interactive)
+    log = _ScreenLog(screen)
+    log.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[log])
     if interactive:
         with contextlib.suppress(ImportError):  # not on every platform: only line editing is lost
             import readline  # noqa: F401  (once imported, input() edits lines with it)
-    client = ChatClientUdp(ip, port, interval)
-    client.start()
     ended = threading.Event()
     # Set while the main thread waits in input(): only then does the server's `end` interrupt it.
     reading = threading.Event()
+    leaving = False
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        # The first Ctrl-C or SIGTERM leaves; any later one is ignored, so it cannot break into
+        # the leaving.
+        nonlocal leaving
+        if not leaving:
+            leaving = True
+            raise KeyboardInterrupt
 
     def wake(signum: int, frame: FrameType | None) -> None:
         if reading.is_set():
             raise _ServerEnded
 
     def show_messages() -> None:
-        for msg in client:
-            _show(msg, sys.stdout, interactive)
+        with contextlib.suppress(RuntimeError, OSError):  # a thread died (stop() raises it), or
+            for msg in client:  # the output is gone: either way nothing more to show
+                _show(msg, screen)
         if not ended.is_set():
             # A real signal, so the main thread's blocking read returns EINTR and sees it; its
             # own (not SIGINT), so it works where SIGINT is ignored and nobody mistakes it for
@@ -188,9 +312,19 @@ def chat(ip: str, port: int, interval: float) -> int:
             assert main_thread is not None
             signal.pthread_kill(main_thread, WAKE_SIGNAL)
 
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
     signal.signal(WAKE_SIGNAL, wake)
     printer = threading.Thread(target=show_messages, name="udpchat-chat-print", daemon=True)
+    started = False
     try:
+        try:
+            client.start()
+        except OSError as e:
+            where = _host_port(client.ip, client.port)
+            raise _Failed(f"cannot join {where}: {_reason(e)}") from None
+        started = True
         printer.start()
         while client.running and not ended.is_set():
             reading.set()
@@ -202,34 +336,59 @@ def chat(ip: str, port: int, interval: float) -> int:
                 reading.clear()
             if line.strip() == "quit":
                 break
-            if line.strip():
-                client.send(line)
+            if line.strip() and not _send(client, line, screen):
+                break
     except (KeyboardInterrupt, _ServerEnded):
         pass
     finally:
+        leaving = True
         ended.set()
-        # Not running before stop(): the server ended the chat (or a thread died, logged).
-        by_server = not client.running
+        # Not running before stop(): the server ended the chat (a thread that died makes stop()
+        # raise instead).
+        by_server = started and not client.running
         client.stop()
-        printer.join(timeout=1.0)
+        if started:
+            printer.join(timeout=1.0)
     if by_server:
         sys.stdout.write(("\r\x1b[K" if interactive else "") + "the server ended the chat\n")
         sys.stdout.flush()
-    return 0
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        stop = _StopSignals()  # from here on a signal is noted, never raised
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        )
+        try:
+            server = ChatServerUdp(
+                args.ip,
+                args.port,
+                args.interval,
+                validate=args.validate,
+                rate_limit=args.rate_limit,
+            )
+        except (ValueError, TypeError) as e:  # as the constructor judges the arguments
+            args.subparser.error(str(e))
+        return serve(server, stop)
+    try:
+        client = ChatClientUdp(args.ip, args.port, args.interval)
+    except (ValueError, TypeError) as e:
+        args.subparser.error(str(e))
+    return chat(client)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """Runs `udpchat`; returns its exit code (EXIT_* above; argparse exits 2 by itself)."""
+    args = _parser().parse_args(argv)
     try:
-        if args.command == "serve":
-            return serve(args.ip, args.port, args.interval, args.validate, args.rate_limit)
-        return chat(args.ip, args.port, args.interval)
-    except ValueError as e:  # a bad --ip or --port, as the constructors judge it
-        parser.error(str(e))
-    except OSError as e:  # e.g. the port is in use
+        return _run(args)
+    except (_Failed, OSError, RuntimeError) as e:
         print(f"udpchat: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except KeyboardInterrupt:  # before the signal handlers were in place
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
