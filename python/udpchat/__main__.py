@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 class _StopSignals:
     """SIGINT (unless it was ignored when the program started) and SIGTERM ask to stop: the first
     one is noted, never raised as an exception, so no signal, one or several, can interrupt a
-    start or a stop half done. `wait()` returns once one has come."""
+    start or a stop half done."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -108,9 +108,10 @@ class _StopSignals:
         if self.received is None:
             self.received = signum
 
-    def wait(self) -> None:
-        while self.received is None:
-            select.select([self._read], [], [])
+    def wait(self, timeout: float) -> None:
+        """Returns once a signal has come, or after `timeout` seconds."""
+        if self.received is None:
+            select.select([self._read], [], [], timeout)
             with contextlib.suppress(BlockingIOError):
                 os.read(self._read, 512)
 
@@ -130,7 +131,9 @@ def serve(server: ChatServerUdp, stop: _StopSignals) -> int:
                 "address and turn it into a flood against a third party",
                 ip,
             )
-        stop.wait()
+        # Until a signal, or a server thread died (stop() then raises, and the exit code is 1).
+        while stop.received is None and server.running:
+            stop.wait(timeout=1.0)
     finally:
         # Sends `end` to every client; further signals are only noted.
         server.stop()
@@ -381,9 +384,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs `udpchat`; returns its exit code (EXIT_* above; argparse exits 2 by itself)."""
-    args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(_parser().parse_args(argv))
     except (_Failed, OSError, RuntimeError) as e:
         print(f"udpchat: {e}", file=sys.stderr)
         return EXIT_FAILED

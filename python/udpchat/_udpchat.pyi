@@ -31,8 +31,8 @@ def reset_log_cache() -> None:
 class Message:
     """One datagram received from the server."""
 
-    def __new__(cls, raw: bytes) -> Self:
-        """Parse a datagram as the client does."""
+    def __new__(cls, raw: bytes | bytearray | memoryview) -> Self:
+        """Parse a datagram as the client does. Raises TypeError for anything not bytes-like."""
 
     @property
     def sender(self) -> tuple[str, int] | None:
@@ -78,19 +78,23 @@ class ChatServerUdp:
         validate: bool = False,
         fanout_threads: int = 1,
     ) -> Self:
-        """Raises ValueError for an ``ip`` that is not an IP address, a ``port`` outside
-        0..65535, an ``interval`` that is not a positive number of seconds, or an option out of
-        its range.
+        """Every argument is checked here: ValueError for a value out of its range (an int of
+        any size included), TypeError for a wrong type (``True`` is not a number).
 
+        - ``ip``: an IPv4 or IPv6 address, never resolved (``'localhost'`` is not one).
+        - ``port`` (0..65535): 0 picks a free port.
+        - ``interval`` (0.01..86400 seconds, int or float): a client silent for longer is dropped.
         - ``max_datagram`` (1..65535): a longer datagram is dropped and counted, never relayed cut.
-        - ``max_clients``, ``max_per_ip``: registrations past either are refused and counted;
-          those already registered are not disturbed.
-        - ``rate_limit``: datagrams per second each source IP may send, in bursts of one
-          second's worth; the excess is dropped and counted. None (the default): no limit.
-        - ``rcvbuf``: the kernel receive buffer to ask for (SO_RCVBUF), in bytes.
-        - ``validate``: validated mode. A source registers only after proving it receives at
-          its address (a stateless cookie), and every datagram after that carries its token.
-          ``ChatClientUdp`` follows it automatically.
+        - ``max_clients``, ``max_per_ip`` (1..100,000,000): registrations past either are refused
+          and counted; those already registered are not disturbed.
+        - ``rate_limit`` (None, or 0.01..1,000,000,000): datagrams per second each source IP may
+          send, in bursts of one second's worth; the excess is dropped and counted. None (the
+          default): no limit.
+        - ``rcvbuf`` (None, or 1024..1,073,741,824): the kernel receive buffer to ask for
+          (SO_RCVBUF), in bytes; None keeps the system's.
+        - ``validate`` (True or False): validated mode. A source registers only after proving it
+          receives at its address (a stateless cookie), and every datagram after that carries
+          its token. ``ChatClientUdp`` follows it automatically.
         - ``fanout_threads`` (1..64): threads that share a large fan-out, by client; 1 suits
           2 cores.
         """
@@ -99,16 +103,20 @@ class ChatServerUdp:
         """Bind and start serving.
 
         Raises OSError (with ``errno``) if the address cannot be bound, RuntimeError if running.
+        A server stopped starts afresh.
         """
 
     def stop(self) -> None:
-        """Send ``end`` to every live client and end all threads; idempotent, returns in
-        milliseconds. Raises RuntimeError if a server thread had panicked."""
+        """Send ``end`` to every live client and end all threads; returns in milliseconds.
+        Idempotent: on a server that is not running it does nothing. Raises RuntimeError if a
+        server thread had panicked."""
 
-    def broadcast(self, msg: str | bytes) -> None:
-        """Send ``msg`` to every live client as a message from the server's own address.
+    def broadcast(self, msg: str | bytes | bytearray | memoryview) -> None:
+        """Send ``msg`` (str as UTF-8, or bytes-like) to every live client as a message from the
+        server's own address.
 
-        Raises RuntimeError if the server is not running.
+        Raises TypeError for another type, ValueError for a str UTF-8 cannot encode (a lone
+        surrogate), RuntimeError if the server is not running.
         """
 
     def stats(self) -> dict[str, int]:
@@ -174,36 +182,47 @@ class ChatClientUdp:
         *,
         max_queue: int = 4096,
     ) -> Self:
-        """``ip``/``port`` are the server's. Raises ValueError for an ``ip`` that is not an IP
-        address, a ``port`` outside 1..65535, a non-positive ``interval`` or ``max_queue``.
-        At most ``max_queue`` unread messages are held; later ones are dropped and counted."""
+        """Every argument is checked here: ValueError for a value out of its range (an int of
+        any size included), TypeError for a wrong type (``True`` is not a number).
+
+        - ``ip``, ``port`` (1..65535): the server's; ``ip`` is an IPv4 or IPv6 address.
+        - ``interval`` (0.01..86400 seconds, int or float): time between heartbeats.
+        - ``max_queue`` (1..10,000,000): at most this many unread messages are held; later ones
+          are dropped and counted in ``dropped``. The queue takes memory for what it holds, not
+          for this bound.
+        """
 
     def start(self) -> None:
         """Register with the server and start the heartbeat and receiver threads.
 
-        Raises OSError if no socket can be opened, RuntimeError if already running.
+        Raises OSError if no socket can be opened, RuntimeError if already running. A client
+        stopped, or whose chat the server ended, starts afresh.
         """
 
     def stop(self) -> None:
-        """Send ``quit`` and end all threads; idempotent, returns in milliseconds. Raises
-        RuntimeError if a client thread had panicked."""
+        """Send ``quit`` and end all threads; returns in milliseconds. Idempotent: on a client
+        that is not running it does nothing. Raises RuntimeError if a client thread had
+        panicked."""
 
-    def send(self, msg: str | bytes = "quit") -> None:
-        """Send ``msg`` (str as UTF-8, or bytes) to the server.
+    def send(self, msg: str | bytes | bytearray | memoryview = "quit") -> None:
+        """Send ``msg`` (str as UTF-8, or bytes-like) to the server.
 
-        Raises RuntimeError if the client is not running, OSError if the send fails.
+        Raises TypeError for another type, ValueError for a str UTF-8 cannot encode (a lone
+        surrogate), RuntimeError if the client is not running, OSError if the send fails.
         """
 
     def recv(self, timeout: float | None = None) -> Message | None:
-        """The next message, waiting up to ``timeout`` seconds (None: until one comes).
+        """The next message, waiting up to ``timeout`` seconds (None, or ``float('inf')``: until
+        one comes; a negative or NaN timeout is a ValueError).
 
         Returns None on timeout, or once the client is stopped or the server said ``end`` and
         every message before it has been read. Releases the GIL; Ctrl-C interrupts it.
         """
 
     def recv_many(self, max: int = 1024, timeout: float | None = None) -> list[Message]:
-        """Up to ``max`` messages: waits up to ``timeout`` seconds (None: until one comes) for
-        the first, then takes those already waiting. Returns ``[]`` where ``recv`` returns None.
+        """Up to ``max`` (1..10,000,000) messages: waits up to ``timeout`` seconds (as ``recv``)
+        for the first, then takes those already waiting. Returns ``[]`` where ``recv`` returns
+        None.
 
         Cheaper per message than ``recv`` when messages come in bursts.
         """
