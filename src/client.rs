@@ -397,4 +397,35 @@ mod tests {
         client.stop();
         assert!(client.failure().is_ok());
     }
+
+    #[test]
+    fn the_queue_holds_at_most_max_queue_and_makes_room_as_it_is_read() {
+        let server =
+            Server::start(ServerConfig::default_for("127.0.0.1:0".parse().unwrap())).unwrap();
+        let client = Client::start(ClientConfig {
+            server: server.local_addr(),
+            interval: Duration::from_secs(5),
+            max_queue: 2,
+        })
+        .unwrap();
+        let wait_for = |what: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !what() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            what()
+        };
+        for i in 0..5 {
+            client.send(format!("a{i}").as_bytes()).unwrap();
+        }
+        assert!(wait_for(&|| client.dropped() == 3));
+        assert_eq!(client.messages().len(), 2);
+        let first = client.messages().try_recv().unwrap();
+        assert!(first.ends_with(b"\na0\n"));
+        client.send(b"b").unwrap();
+        assert!(wait_for(&|| client.messages().len() == 2));
+        assert_eq!(client.dropped(), 3);
+        client.stop();
+        server.stop();
+    }
 }
