@@ -29,6 +29,8 @@ const RECV_BATCH: usize = 16;
 /// a validated-mode server dropped them.
 const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
 const UNSENT_MAX: usize = 64;
+/// How long after answering a challenge a welcome is taken.
+const WELCOME_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -63,6 +65,9 @@ struct Validation {
     /// dropped them, so they go again with the token. Emptied when the grace period ends (an open
     /// server never sends a token).
     unsent: Vec<Vec<u8>>,
+    /// When this client last answered a challenge: a welcome is taken only within
+    /// `WELCOME_WAIT` after that, so a forged welcome cannot swap in a bogus token at any time.
+    answered: Option<Instant>,
 }
 
 impl Validation {
@@ -298,6 +303,7 @@ impl net::Handler for Receive<'_> {
             let mut answer = b"reg ".to_vec();
             answer.extend_from_slice(cookie);
             protocol::pad(&mut answer);
+            lock(&shared.validation).answered = Some(Instant::now());
             if let Err(e) = net::send(&shared.socket, &answer, None, Some(self.stop)) {
                 warn!("cannot answer the server's challenge: {e}");
             }
@@ -308,6 +314,13 @@ impl net::Handler for Receive<'_> {
             // Never log holding the lock: a Python thread may wait for it with the GIL held.
             let (first, unsent) = {
                 let mut validation = lock(&shared.validation);
+                let expected = validation
+                    .answered
+                    .take()
+                    .is_some_and(|at| at.elapsed() < WELCOME_WAIT);
+                if !expected {
+                    return; // not in reply to this client's answer: forged, or far too late
+                }
                 validation.forget_after_grace(shared.started);
                 let first = validation.token.replace(token).is_none();
                 (first, std::mem::take(&mut validation.unsent))

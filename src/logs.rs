@@ -92,7 +92,9 @@ pub fn open() -> Receiver<Item> {
         dropped: AtomicU64::new(0),
     });
     match fresh {
-        Some(tx) => logger.tx.store(Arc::new(tx)),
+        // After fork: the parent's channel is forgotten, not dropped (dropping the last sender
+        // takes a lock inside the channel that a parent thread may have held at the fork).
+        Some(tx) => std::mem::forget(logger.tx.swap(Arc::new(tx))),
         // Fails only if another logger was installed first; the records then go to that one.
         None => {
             let _ = log::set_logger(logger);

@@ -46,10 +46,15 @@ pub struct RateLimiter<K> {
 }
 
 impl<K: Hash + Eq + Copy> RateLimiter<K> {
+    /// `rate` a second in bursts of one second's worth (at least one).
     pub fn new(rate: f64, max_sources: usize) -> RateLimiter<K> {
+        RateLimiter::with_burst(rate, rate.max(1.0), max_sources)
+    }
+
+    pub fn with_burst(rate: f64, burst: f64, max_sources: usize) -> RateLimiter<K> {
         RateLimiter {
             rate,
-            burst: rate.max(1.0),
+            burst,
             max_sources,
             buckets: HashMap::new(),
         }

@@ -32,6 +32,9 @@ HOSTILE = [
     b"A" * (COLUMNS - len("[127.0.0.1 65535] ")) + FORGED.encode(),
     b"x\n" + b"B" * (COLUMNS - len("[127.0.0.1 65535] ")) + FORGED.encode(),
     "\u5168".encode() * COLUMNS + FORGED.encode(),
+    # Characters whose width terminals and Python's tables disagree on (hexagrams, regional
+    # indicators, a spacing mark with a combining class).
+    ("\u4dc0\U0001f1e6\U0001d165" * 12).encode() + FORGED.encode(),
     b"done",
 ]
 
@@ -56,7 +59,8 @@ def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
     ip, port = server.address
     primary, secondary = pty.openpty()
     fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    # A stale $COLUMNS (wider than the terminal) must not be believed.
+    env = {**os.environ, "COLUMNS": str(2 * COLUMNS), "LINES": str(ROWS)}
     chat = subprocess.Popen(
         [sys.executable, "-m", "udpchat", "chat", "--ip", ip, "--port", str(port)],
         stdin=secondary,

@@ -13,6 +13,7 @@ from conftest import recv
 from udpchat import ChatClientUdp
 
 TOKEN = b"0123456789abcdef0123456789abcdef"
+COOKIE = b"fedcba9876543210fedcba9876543210"
 MESSAGES = 500
 
 
@@ -24,6 +25,15 @@ def _bodies(datagrams: list[bytes]) -> list[tuple[bool, bytes]]:
         tokened = d.startswith(TOKEN + b" ")
         out.append((tokened, d[len(TOKEN) + 1 :].strip() if tokened else d))
     return out
+
+
+def _challenge(fake: socket.socket, client: ChatClientUdp) -> None:
+    """Plays a validated server: a challenge, then the client's answer (a bounded wait)."""
+    fake.sendto(b"challenge " + COOKIE, client.address)
+    for _ in range(100):
+        if recv(fake).strip() == b"reg " + COOKIE:
+            return
+    raise AssertionError("the client did not answer the challenge")
 
 
 def _collect(sock: socket.socket, seconds: float) -> list[bytes]:
@@ -44,8 +54,8 @@ def test_a_message_is_never_sent_twice_with_the_token(
 ) -> None:
     fake = make_peer()
     with ChatClientUdp(*fake.getsockname()) as client:
-        first = recv(fake)
-        assert first.strip() == b"reg"
+        assert recv(fake).strip() == b"reg"
+        _challenge(fake, client)
         # The welcome lands while the client is sending: each message must go out with the
         # token at most once (a tokenless copy before the welcome is what a validated server
         # drops; the one kept is then sent again with the token).
@@ -75,7 +85,22 @@ def test_what_was_kept_is_forgotten_when_the_grace_period_ends(
         client.send("early")
         time.sleep(2.5)  # past the two-second grace period
         _collect(fake, 0.1)
-        # A welcome now (late, or forged) must not bring back what was sent 2.5 s ago.
+        # A handshake now (late) must not bring back what was sent 2.5 s ago.
+        _challenge(fake, client)
         fake.sendto(b"welcome " + TOKEN, client.address)
         bodies = _bodies(_collect(fake, 0.8))
     assert (True, b"early") not in bodies, bodies
+
+
+def test_a_welcome_that_answers_nothing_is_ignored(make_peer: Callable[..., socket.socket]) -> None:
+    # A forged welcome (the source is easy to forge: the server's address) must not swap in a
+    # bogus token and mute the client: only a welcome after the client answered a challenge counts.
+    fake = make_peer()
+    with ChatClientUdp(*fake.getsockname(), interval=0.2) as client:
+        assert recv(fake).strip() == b"reg"
+        fake.sendto(b"welcome " + TOKEN, client.address)
+        client.send("after the forged welcome")
+        bodies = _bodies(_collect(fake, 0.5))
+        assert not client.validated
+    assert (False, b"after the forged welcome") in bodies, bodies
+    assert not any(tokened for tokened, _ in bodies), bodies

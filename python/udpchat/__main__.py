@@ -9,7 +9,6 @@ import ipaddress
 import logging
 import os
 import select
-import shutil
 import signal
 import sys
 import threading
@@ -169,10 +168,20 @@ def _escaped(text: str) -> str:
 
 
 def _columns(ch: str) -> int:
-    """The columns a terminal gives `ch`: 2 for East Asian wide, 0 for combining marks."""
-    if unicodedata.combining(ch) or unicodedata.category(ch) == "Me":
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+    """The most columns a terminal may give `ch`: 1 for ASCII, 2 for anything else. Terminals
+    disagree with each other and with Python's Unicode tables about widths (emoji, hexagrams,
+    spacing marks, ambiguous widths), so the count errs wide: a line wrapped early is only
+    shorter, one wrapped late lets the terminal start a line of the payload's own."""
+    return 1 if ch < "\x80" else 2
+
+
+def _width(out: TextIO) -> int | None:
+    """The terminal's width now, from the terminal itself (not $COLUMNS, which can be stale);
+    None if `out` is not a terminal."""
+    try:
+        return os.get_terminal_size(out.fileno()).columns
+    except (OSError, ValueError):
+        return None
 
 
 def _wrap(line: str, width: int) -> list[str]:
@@ -240,7 +249,7 @@ class _ScreenLog(logging.Handler):
 
 def _show(msg: Message, screen: _Screen) -> None:
     out = sys.stdout
-    screen.write(_format(msg, shutil.get_terminal_size().columns if out.isatty() else None), out)
+    screen.write(_format(msg, _width(out)), out)
 
 
 def _tolerant_streams() -> None:

@@ -101,11 +101,9 @@ impl ChatClientUdp {
     /// Sends ``quit``, ends all threads and closes the socket. Idempotent. Raises RuntimeError if a
     /// client thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        py.detach(|| {
-            self.core
-                .stop(|core| self.final_dropped.store(core.dropped(), Ordering::Relaxed))
+        super::stop(py, &self.core, |core| {
+            self.final_dropped.store(core.dropped(), Ordering::Relaxed)
         })
-        .map_err(to_py)
     }
 
     /// Sends ``msg`` (str as UTF-8, or bytes) to the server. The default, ``'quit'``, is the

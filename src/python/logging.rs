@@ -7,8 +7,9 @@
 use crossbeam_channel::{select, tick, Receiver};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::logs::{self, Item};
@@ -20,7 +21,11 @@ const FLUSH_WAIT: Duration = Duration::from_secs(1);
 const THREAD_NAME: &str = "udpchat-log";
 
 /// The process whose logging thread runs; after `fork()` the child has none, and starts its own.
+/// 0 once the thread has been shut down at exit.
 static THREAD_PID: AtomicU32 = AtomicU32::new(0);
+static THREAD: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
+/// Set at interpreter exit: the thread ends once it has handled what was logged before.
+static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 static RESET: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
 
 /// Reads the levels now, and starts this process's logging thread if it has none.
@@ -33,20 +38,42 @@ pub fn prepare(py: Python<'_>) -> PyResult<()> {
     let _ = RESET.set(logger.reset_handle());
     refresh_levels(py)?;
     let records = logs::open();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(THREAD_NAME.to_owned())
         .spawn(move || forward(&records, &logger))
         .map_err(|e| {
             pyo3::exceptions::PyOSError::new_err(format!("cannot start {THREAD_NAME}: {e}"))
         })?;
+    // After fork, the parent's handle is forgotten: its thread is not in this process.
+    std::mem::forget(crate::worker::lock(&THREAD).replace(thread));
     Ok(())
 }
 
-/// Waits, with the GIL released, until the records logged so far have reached Python: so that a
-/// call's own records are there when it returns. Not on the logging thread itself (a handler
-/// calling `stop()`), which would wait for itself.
+/// Registered with `atexit`: lets the logging thread hand over what was logged, then ends and
+/// joins it, before the interpreter finalizes. A thread still inside Python then would be ended
+/// by the interpreter with `pthread_exit`, which cannot unwind through Rust and aborts.
+#[pyfunction]
+pub fn shutdown_logging(py: Python<'_>) {
+    if THREAD_PID.load(Ordering::Acquire) != std::process::id() {
+        return;
+    }
+    SHUTDOWN.store(true, Ordering::Release);
+    let handed_over = py.detach(|| logs::flush(FLUSH_WAIT));
+    THREAD_PID.store(0, Ordering::Release);
+    let thread = crate::worker::lock(&THREAD).take();
+    if let (true, Some(thread)) = (handed_over, thread) {
+        // It has answered the flush and returns without entering Python again.
+        let _ = py.detach(|| thread.join());
+    }
+}
+
+/// Waits, with the GIL released, up to a second until the records logged so far have reached
+/// Python: so that a call's own records are there when it returns. Not on the logging thread
+/// itself (a handler calling `stop()`), which would wait for itself, nor where this process has
+/// no logging thread (a forked child that started nothing, or after exit began).
 pub fn flush(py: Python<'_>) {
-    if std::thread::current().name() != Some(THREAD_NAME) {
+    let ours = THREAD_PID.load(Ordering::Acquire) == std::process::id();
+    if ours && std::thread::current().name() != Some(THREAD_NAME) {
         py.detach(|| logs::flush(FLUSH_WAIT));
     }
 }
@@ -65,6 +92,9 @@ fn forward(records: &Receiver<Item>, logger: &pyo3_log::Logger) {
                 }),
                 Ok(Item::Flush(done)) => {
                     let _ = done.send(());
+                    if SHUTDOWN.load(Ordering::Acquire) {
+                        return;
+                    }
                     Some(())
                 }
                 Err(_) => return, // replaced after fork

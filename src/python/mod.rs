@@ -145,6 +145,10 @@ fn reset_log_cache(py: Python<'_>) -> PyResult<()> {
 #[pymodule]
 fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logging::prepare(m.py())?;
+    let shutdown = wrap_pyfunction!(logging::shutdown_logging, m)?;
+    m.py()
+        .import("atexit")?
+        .call_method1("register", (shutdown,))?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_DATAGRAM", crate::server::MAX_DATAGRAM)?;
     m.add_class::<server::ChatServerUdp>()?;

@@ -14,9 +14,11 @@ use crate::net;
 use crate::protocol;
 use crate::ratelimit::{Bucket, RateLimiter};
 
-/// Replies (challenges and welcomes) a second to one address, in bursts of as many: a client's
-/// handshake takes two, one more per heartbeat while its token is stale.
-pub const REPLIES_PER_ADDRESS: f64 = 16.0;
+/// Replies (challenges and welcomes) to one address: a burst of 4, then one every 2 seconds. A
+/// client's handshake takes two; a service that keeps answering challenges (an echo that puts
+/// a hex tag first reads as a stale token) gets four, then one every 2 seconds.
+pub const REPLY_BURST_PER_ADDRESS: f64 = 4.0;
+pub const REPLIES_PER_ADDRESS: f64 = 0.5;
 /// Replies a second in all, in bursts of as many: 1,000 clients registering at once (behind one
 /// NAT or not) take 2,000.
 pub const REPLIES_TOTAL: f64 = 20_000.0;
@@ -92,7 +94,11 @@ pub(super) struct ReplyLimit {
 impl ReplyLimit {
     pub(super) fn new(now: Instant) -> Self {
         ReplyLimit {
-            per_address: RateLimiter::new(REPLIES_PER_ADDRESS, REPLY_SOURCES),
+            per_address: RateLimiter::with_burst(
+                REPLIES_PER_ADDRESS,
+                REPLY_BURST_PER_ADDRESS,
+                REPLY_SOURCES,
+            ),
             total: Bucket::full(REPLIES_TOTAL, now),
         }
     }
@@ -143,7 +149,7 @@ mod tests {
         let mut limit = ReplyLimit::new(t0);
         let one: SocketAddr = "10.0.0.1:5000".parse().unwrap();
         let granted = (0..100).filter(|_| limit.allow(one, t0)).count();
-        assert_eq!(granted, REPLIES_PER_ADDRESS as usize);
+        assert_eq!(granted, REPLY_BURST_PER_ADDRESS as usize);
         // Other ports of the same IP, as behind a NAT, have budgets of their own.
         let neighbour: SocketAddr = "10.0.0.1:5001".parse().unwrap();
         assert!(limit.allow(neighbour, t0));
@@ -153,7 +159,8 @@ mod tests {
             granted_total += usize::from(limit.allow(to, t0));
         }
         assert_eq!(granted_total, REPLIES_TOTAL as usize);
-        assert!(limit.allow(one, t0 + Duration::from_secs(1)));
+        assert!(!limit.allow(one, t0 + Duration::from_secs(1)));
+        assert!(limit.allow(one, t0 + Duration::from_secs(2)));
     }
 
     #[test]
