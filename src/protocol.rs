@@ -79,11 +79,25 @@ pub fn classify_validated(data: &[u8]) -> Validated<'_> {
             return Validated::Answer(cookie);
         }
     }
-    if data.len() > TOKEN_LEN && data[TOKEN_LEN] == b' ' && is_hex_token(&data[..TOKEN_LEN]) {
-        return Validated::Tokened {
-            token: &data[..TOKEN_LEN],
-            body: &data[TOKEN_LEN + 1..],
-        };
+    // `{token} {body}`. A blank body (the client sent an empty or all-space message) leaves the
+    // token alone once the padding is stripped: it is still tokened, and ignored as in the open
+    // protocol, not counted as malformed and answered with a challenge.
+    if data.len() >= TOKEN_LEN && is_hex_token(&data[..TOKEN_LEN]) {
+        match data.get(TOKEN_LEN) {
+            None => {
+                return Validated::Tokened {
+                    token: data,
+                    body: &data[TOKEN_LEN..],
+                }
+            }
+            Some(b' ') => {
+                return Validated::Tokened {
+                    token: &data[..TOKEN_LEN],
+                    body: &data[TOKEN_LEN + 1..],
+                }
+            }
+            Some(_) => {}
+        }
     }
     Validated::Other
 }
@@ -343,7 +357,21 @@ mod tests {
                 body: b"^hb^"
             }
         );
-        for other in [&b"^hb^"[..], b"quit", b"hello", b"reg 123", &token] {
+        // A blank message from a validated client: tokened, with nothing after the token.
+        let mut blank = token.to_vec();
+        blank.push(b' ');
+        pad(&mut blank);
+        for tokened in [&blank[..], &token] {
+            assert_eq!(
+                classify_validated(tokened),
+                Validated::Tokened {
+                    token: &token,
+                    body: b""
+                }
+            );
+        }
+        assert_eq!(classify(b""), Datagram::Empty); // what the body then reads as
+        for other in [&b"^hb^"[..], b"quit", b"hello", b"reg 123", &token[1..]] {
             assert_eq!(
                 classify_validated(other),
                 Validated::Other,
