@@ -1,8 +1,12 @@
-"""A bounded fuzz target (atheris) for everything that parses bytes from the network.
+r"""A bounded fuzz target (atheris) for everything that parses bytes from the network.
 
     pip install atheris
     python fuzz/fuzz_server.py -runs=200000          # bounded: stops after that many inputs
     python fuzz/fuzz_server.py -max_total_time=600   # or after ten minutes
+    # steered by the protocol's words and one seed datagram of each kind; libFuzzer adds what
+    # it finds to the first directory:
+    python fuzz/fuzz_server.py -max_total_time=300 -keep_seed=1 -dict=fuzz/udpchat.dict \
+        "$(mktemp -d)" fuzz/seeds
 
 Each input is parsed as a client would (`Message`), and sent to a running server in each mode
 (open and validated). Every 1,000 inputs a probe message must come back from both servers, and
