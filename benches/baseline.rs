@@ -1,19 +1,22 @@
 //! The kernel baseline for the fan-out benchmark: the tutorial's protocol in the leanest loop
 //! Rust can write. One thread, blocking `recvmmsg` for up to 64 datagrams, every broadcast of
 //! the batch to every client in `sendmmsg` calls of up to 1024. No expiry, no logging, no
-//! stop: it runs until killed.
+//! stop: it runs until killed, or for `LIFETIME` at most.
 //!
 //!   baseline IP:PORT        (prints the bound address, then serves)
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, SockAddrStorage};
 use udpchat::protocol::{self, Datagram};
 
 const BATCH: usize = 64;
 const BUF: usize = 65_536;
+/// The longest it runs, if nobody kills it first (a benchmark's loops are all bounded).
+const LIFETIME: Duration = Duration::from_secs(600);
 
 fn main() {
     let addr: SocketAddr = std::env::args()
@@ -22,7 +25,12 @@ fn main() {
         .parse()
         .expect("IP:PORT");
     let socket = UdpSocket::bind(addr).expect("bind");
+    // A blocking receive wakes at least once a second, to see the end of its lifetime.
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("SO_RCVTIMEO");
     println!("{}", socket.local_addr().unwrap());
+    let end = Instant::now() + LIFETIME;
     let fd = socket.as_raw_fd();
 
     let mut bufs = vec![0u8; BATCH * BUF];
@@ -51,7 +59,7 @@ fn main() {
     let mut acks: Vec<Vec<u8>> = Vec::new();
     let mut out_iovs: Vec<libc::iovec> = Vec::with_capacity(1024);
     let mut out_hdrs: Vec<libc::mmsghdr> = Vec::with_capacity(1024);
-    loop {
+    while Instant::now() < end {
         for h in &mut hdrs {
             h.msg_hdr.msg_namelen = SockAddrStorage::zeroed().size_of();
         }

@@ -348,9 +348,13 @@ fn latency(server: SocketAddr, n: usize, rate: f64, size: usize, seconds: f64) {
 fn blast(listen: SocketAddr, count: u64, size: usize) {
     let socket = UdpSocket::bind(listen).expect("bind");
     println!("{}", socket.local_addr().unwrap());
+    // Bounded: no `reg` within 30 s, or sends failing for 60 s, end it.
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("SO_RCVTIMEO");
     let mut buf = [0u8; 128];
     let client = loop {
-        let (n, from) = socket.recv_from(&mut buf).expect("recv");
+        let (n, from) = socket.recv_from(&mut buf).expect("no reg within 30 s");
         if buf[..n].trim_ascii() == b"reg" {
             break socket2::SockAddr::from(from);
         }
@@ -374,7 +378,8 @@ fn blast(listen: SocketAddr, count: u64, size: usize) {
         })
         .collect();
     let mut sent = 0u64;
-    while sent < count {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sent < count && Instant::now() < deadline {
         let n = (count - sent).min(BATCH as u64) as u32;
         // SAFETY: headers point at `client`, `iov` and `datagram`, all alive.
         let r = unsafe { libc::sendmmsg(socket.as_raw_fd(), hdrs.as_mut_ptr(), n, 0) };

@@ -13,6 +13,11 @@ kernel baseline). Servers under test, each started fresh for every measurement:
 
 The load generator (benches/loadgen.rs) registers N client sockets on 127.0.0.1, sends with a
 bounded window from a few of them, and counts every broadcast every socket receives.
+
+Wherever two figures are compared, the runs are interleaved (A B A B A B, each against a fresh
+server) and each figure is the median of its runs, so a slow spell of a shared machine falls on
+both sides alike. Every loop is bounded in count and in time, and every process this starts
+ends by itself within LIFETIME seconds even if this script is killed.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from typing import cast
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "target" / "release" / "examples"
+# How long a server or CPU burner started here lives at most, if nobody kills it first.
+LIFETIME = 600.0
 
 
 # --- the servers under test -----------------------------------------------------------------
@@ -114,11 +121,13 @@ class AsyncioServer(asyncio.DatagramProtocol):
                 self.transport.sendto(msg, c)
 
 
-def busy_loop() -> None:
-    """A CPU-bound Python loop, as a host program's main thread might run."""
+def busy_loop(seconds: float = LIFETIME) -> None:
+    """A CPU-bound Python loop, as a host program's main thread might run; ends after `seconds`."""
+    end = time.monotonic() + seconds
     x = 0
-    while True:
-        x += 1
+    while time.monotonic() < end:
+        for _ in range(100_000):
+            x += 1
 
 
 def serve(kind: str, busy: bool, fanout_threads: int) -> None:
@@ -139,6 +148,7 @@ def serve(kind: str, busy: bool, fanout_threads: int) -> None:
             loop.create_datagram_endpoint(AsyncioServer, local_addr=("127.0.0.1", 0))
         )
         print("{}:{}".format(*transport.get_extra_info("sockname")), flush=True)
+        loop.call_later(LIFETIME, loop.stop)
         loop.run_forever()
         return
     else:
@@ -146,7 +156,8 @@ def serve(kind: str, busy: bool, fanout_threads: int) -> None:
     print("{}:{}".format(*address), flush=True)
     if busy:
         busy_loop()
-    threading.Event().wait()
+    else:
+        threading.Event().wait(LIFETIME)
 
 
 # --- running things --------------------------------------------------------------------------
@@ -174,7 +185,7 @@ def server(kind: str, busy: bool = False, fanout_threads: int = 1) -> Iterator[s
 @contextmanager
 def cpu_burner() -> Iterator[None]:
     """The same CPU load as `busy_loop`, in a separate process: only the GIL differs."""
-    proc = subprocess.Popen([sys.executable, "-c", "x = 0\nwhile True: x += 1"])
+    proc = subprocess.Popen([sys.executable, __file__, "burn"])
     try:
         time.sleep(0.2)
         yield
@@ -201,8 +212,23 @@ def build() -> None:
     )
 
 
+def sysctl(name: str) -> str:
+    """A kernel setting as `sysctl NAME` prints it ("?" where it cannot be read)."""
+    try:
+        return Path("/proc/sys", *name.split(".")).read_text().strip()
+    except OSError:
+        return "?"
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
+
+
+def spread(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> str:
+    """The ratio of each interleaved round, A against the B run right after it."""
+    return " ".join(
+        f"{x[key] / y[key]:.2f}" if y[key] else "n/a" for x, y in zip(a, b, strict=True)
+    )
 
 
 def table(title: str, header: list[str], rows: list[list[str]]) -> None:
@@ -220,27 +246,45 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 SERVERS = ["udpchat", "baseline", "tutorial", "asyncio"]
 
 
-def median_run(kind: str, runs: int, *args: object, fanout_threads: int = 1) -> dict[str, float]:
-    """The run with the median `deliveries_per_s` of `runs`, each against a fresh server: this
-    machine's spread from one run to the next is ±15%."""
-    results = []
+def interleaved(
+    kinds: list[str], runs: int, measure: Callable[[str], dict[str, float]]
+) -> dict[str, list[dict[str, float]]]:
+    """`measure(kind)` for every kind in turn, `runs` rounds (A B A B A B): on this shared
+    machine the spread from one run to the next is about ±15%, and a slow spell must fall on
+    every side of a ratio alike."""
+    results: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for _ in range(runs):
-        with server(kind, fanout_threads=fanout_threads) as address:
-            results.append(loadgen("throughput", address, *args))
-    return sorted(results, key=lambda r: r["deliveries_per_s"])[len(results) // 2]
+        for kind in kinds:
+            results[kind].append(measure(kind))
+    return results
 
 
-def fan_out(seconds: float) -> None:
-    """Targets 1 and 2: deliveries/s by clients and payload size, each server fresh. udpchat and
-    the baseline (the ratio that matters) take the median of three runs, interleaved."""
+def median_by(results: list[dict[str, float]], key: str) -> dict[str, float]:
+    """The run with the median `key` (the lower middle of an even count)."""
+    return sorted(results, key=lambda r: r[key])[(len(results) - 1) // 2]
+
+
+def medians(results: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over the runs."""
+    return {k: statistics.median(r[k] for r in results) for k in results[0]}
+
+
+def fan_out(seconds: float, runs: int) -> None:
+    """Targets 1 and 2: deliveries/s by clients and payload size, each server fresh, the four
+    servers interleaved, the median of `runs` runs each."""
     configs = [(100, 4, 64), (100, 4, 1200), (1000, 4, 64), (1000, 4, 1200), (2, 2, 64)]
     rows = []
     for clients, senders, size in configs:
-        got = {}
-        for kind in SERVERS:
-            runs = 3 if kind in ("udpchat", "baseline") else 1
-            got[kind] = median_run(kind, runs, clients, senders, size, seconds)
         key = "messages_per_s" if clients == 2 else "deliveries_per_s"
+
+        def measure(
+            kind: str, clients: int = clients, senders: int = senders, size: int = size
+        ) -> dict[str, float]:
+            with server(kind) as address:
+                return loadgen("throughput", address, clients, senders, size, seconds)
+
+        results = interleaved(SERVERS, runs, measure)
+        got = {kind: median_by(results[kind], key) for kind in SERVERS}
         rows.append(
             [
                 f"{clients} clients, {size} B" + (" (messages/s)" if clients == 2 else ""),
@@ -248,28 +292,42 @@ def fan_out(seconds: float) -> None:
                 ratio(got["udpchat"][key], got["baseline"][key]),
                 ratio(got["udpchat"][key], got["tutorial"][key]),
                 f"{got['udpchat']['delivery_ratio']:.3f}",
+                spread(results["udpchat"], results["baseline"], key),
             ]
         )
     table(
         "Fan-out: deliveries per second (2 clients: messages per second)",
-        ["load", *SERVERS, "udpchat/baseline", "udpchat/tutorial", "udpchat delivered"],
+        [
+            "load",
+            *SERVERS,
+            "udpchat/baseline",
+            "udpchat/tutorial",
+            "udpchat delivered",
+            "udpchat/baseline per round",
+        ],
         rows,
     )
 
 
-def busy_host(seconds: float) -> None:
-    """Target 3: the host's main thread runs a Python loop vs the same load in another process."""
+def busy_host(seconds: float, runs: int) -> None:
+    """Target 3: the host's main thread runs a Python loop vs the same load in another process,
+    the two interleaved, the median of `runs` each."""
+
+    def measure(case: str) -> dict[str, float]:
+        kind, where = case.split()
+        if where == "same":
+            with server(kind, busy=True) as address:
+                return loadgen("throughput", address, 100, 4, 64, seconds)
+        with cpu_burner(), server(kind) as address:
+            return loadgen("throughput", address, 100, 4, 64, seconds)
+
+    cases = [f"{kind} {where}" for kind in ["udpchat", "tutorial"] for where in ["same", "other"]]
+    results = interleaved(cases, runs, measure)
     rows = []
     for kind in ["udpchat", "tutorial"]:
-        same, other = [], []
-        for _ in range(3 if kind == "udpchat" else 1):  # interleaved, medians compared
-            with server(kind, busy=True) as address:
-                same.append(loadgen("throughput", address, 100, 4, 64, seconds)["deliveries_per_s"])
-            with cpu_burner(), server(kind) as address:
-                other.append(
-                    loadgen("throughput", address, 100, 4, 64, seconds)["deliveries_per_s"]
-                )
-        same, other = statistics.median(same), statistics.median(other)
+        key = "deliveries_per_s"
+        same = statistics.median(r[key] for r in results[f"{kind} same"])
+        other = statistics.median(r[key] for r in results[f"{kind} other"])
         rows.append([kind, f"{same:,.0f}", f"{other:,.0f}", ratio(same, other)])
     table(
         "Busy host: deliveries/s, 100 clients, 64 B, while a CPU-bound Python loop runs",
@@ -278,20 +336,18 @@ def busy_host(seconds: float) -> None:
     )
 
 
-def cores(seconds: float) -> None:
-    """Target 7: one fan-out thread against several, where a round is large enough to split."""
-    rows = []
-    base = None
-    for threads in [1, 2, 4]:
-        runs = []
-        for _ in range(3):  # the median of three: this machine's run-to-run spread is wide
-            with server("udpchat", fanout_threads=threads) as address:
-                runs.append(
-                    loadgen("throughput", address, 1000, 4, 64, seconds)["deliveries_per_s"]
-                )
-        got = sorted(runs)[1]
-        base = base or got
-        rows.append([str(threads), f"{got:,.0f}", ratio(got, base)])
+def cores(seconds: float, runs: int) -> None:
+    """Target 7: one fan-out thread against several, where a round is large enough to split;
+    1, 2 and 4 threads interleaved, the median of `runs` each."""
+
+    def measure(threads: str) -> dict[str, float]:
+        with server("udpchat", fanout_threads=int(threads)) as address:
+            return loadgen("throughput", address, 1000, 4, 64, seconds)
+
+    counts = ["1", "2", "4"]
+    results = interleaved(counts, runs, measure)
+    got = {t: statistics.median(r["deliveries_per_s"] for r in results[t]) for t in counts}
+    rows = [[t, f"{got[t]:,.0f}", ratio(got[t], got["1"])] for t in counts]
     table(
         f"Fan-out threads: deliveries/s, 1000 clients, 64 B, {os.cpu_count()} cores",
         ["fanout_threads", "deliveries/s", "vs 1"],
@@ -299,19 +355,28 @@ def cores(seconds: float) -> None:
     )
 
 
-def latency(seconds: float) -> None:
-    """Target 6: round trip of a client's own message, 1,000 messages/s, 100 clients."""
-    rows = []
-    for kind in ["udpchat", "baseline", "tutorial"]:
+def latency(seconds: float, runs: int) -> None:
+    """Target 6: round trip of a client's own message, 1,000 messages/s, 100 clients; the
+    servers interleaved, each figure the median of `runs` runs."""
+
+    def measure(kind: str) -> dict[str, float]:
         with server(kind) as address:
-            r = loadgen("latency", address, 100, 1000, 64, seconds)
+            return loadgen("latency", address, 100, 1000, 64, seconds)
+
+    kinds = ["udpchat", "baseline", "tutorial"]
+    results = interleaved(kinds, runs, measure)
+    rows = []
+    for kind in kinds:
+        r = medians(results[kind])
+        answered = sum(x["answered"] for x in results[kind])
+        sent = sum(x["sent"] for x in results[kind])
         rows.append(
             [
                 kind,
                 f"{r['p50_us']:.0f}",
                 f"{r['p99_us']:.0f}",
                 f"{r['max_us']:.0f}",
-                f"{r['answered']:.0f}/{r['sent']:.0f}",
+                f"{answered:.0f}/{sent:.0f}",
                 f"{r['all_p50_us']:.0f}",
                 f"{r['all_p99_us']:.0f}",
             ]
@@ -343,7 +408,7 @@ def consume_flood(mode: str, count: int) -> float:
                 sock.recv(65536)
                 first, received = time.perf_counter(), 1
                 with contextlib.suppress(TimeoutError):
-                    while True:
+                    for _ in range(count):
                         sock.recv(65536)
                         received += 1
         else:
@@ -353,12 +418,16 @@ def consume_flood(mode: str, count: int) -> float:
                 if mode == "recv":
                     assert client.recv(5) is not None
                     first, received = time.perf_counter(), 1
-                    while client.recv(0.5) is not None:
+                    for _ in range(count):
+                        if client.recv(0.5) is None:
+                            break
                         received += 1
                 else:
                     batch = client.recv_many(1024, 5)
                     first, received = time.perf_counter(), len(batch)
-                    while batch := client.recv_many(1024, 0.5):
+                    for _ in range(count):
+                        if not (batch := client.recv_many(1024, 0.5)):
+                            break
                         received += len(batch)
         last = time.perf_counter() - 0.5
     finally:
@@ -397,24 +466,32 @@ def consume_backlog(mode: str, rounds: int, burst: int = 4000) -> float:
             t0 = time.perf_counter()
             if mode == "socket":
                 with contextlib.suppress(BlockingIOError):
-                    while True:
+                    for _ in range(burst):
                         sock.recv(65536)
                         taken += 1
             elif mode == "recv":
-                while client.recv(0) is not None:
+                for _ in range(burst):
+                    if client.recv(0) is None:
+                        break
                     taken += 1
             else:
-                while batch := client.recv_many(1024, 0):
+                for _ in range(burst):
+                    if not (batch := client.recv_many(1024, 0)):
+                        break
                     taken += len(batch)
             elapsed += time.perf_counter() - t0
     return taken / elapsed
 
 
-def ingest(count: int, rounds: int) -> None:
-    """Target 4: a Python loop consuming messages, udpchat's client vs plain recv."""
+def ingest(count: int, rounds: int, runs: int) -> None:
+    """Target 4: a Python loop consuming messages, udpchat's client vs plain recv; the three
+    consumers interleaved, the median of `runs` each."""
     rows = []
-    backlog = {m: consume_backlog(m, rounds) for m in ["socket", "recv", "recv_many"]}
-    flood = {m: consume_flood(m, count) for m in ["socket", "recv", "recv_many"]}
+    modes = ["socket", "recv", "recv_many"]
+    backlog_runs = interleaved(modes, runs, lambda m: {"rate": consume_backlog(m, rounds)})
+    flood_runs = interleaved(modes, runs, lambda m: {"rate": consume_flood(m, count)})
+    backlog = {m: statistics.median(r["rate"] for r in backlog_runs[m]) for m in modes}
+    flood = {m: statistics.median(r["rate"] for r in flood_runs[m]) for m in modes}
     names = {
         "socket": "plain socket.recv loop",
         "recv": "ChatClientUdp.recv",
@@ -477,26 +554,42 @@ def main() -> None:
     s.add_argument("kind")
     s.add_argument("--busy", action="store_true")
     s.add_argument("--fanout-threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="shorter runs")
+    sub.add_parser("burn", help="(internal) the CPU-bound loop of the busy-host benchmark")
+    parser.add_argument("--quick", action="store_true", help="shorter runs, one of each")
+    parser.add_argument("--runs", type=int, help="interleaved runs per figure (default 3)")
     args = parser.parse_args()
     if args.command == "serve":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         serve(args.kind, args.busy, args.fanout_threads)
         return
+    if args.command == "burn":
+        busy_loop()
+        return
     seconds = 1.0 if args.quick else 1.5
+    runs = args.runs or (1 if args.quick else 3)
     build()
-    print(f"# udpchat benchmarks, {datetime.date.today()}")
+    started = time.monotonic()
+    print(f"# udpchat benchmarks, {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    rmem, wmem = sysctl("net.core.rmem_max"), sysctl("net.core.wmem_max")
+    print(f"sysctl net.core.rmem_max = {rmem}, net.core.wmem_max = {wmem}")
+    print(f"{runs} interleaved run(s) per compared figure, medians shown")
     steps: list[Callable[[], None]] = [
-        lambda: fan_out(seconds),
-        lambda: busy_host(seconds),
-        lambda: cores(seconds),
-        lambda: latency(seconds),
-        lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20),
+        lambda: fan_out(seconds, runs),
+        lambda: busy_host(seconds, runs),
+        lambda: cores(seconds, runs),
+        lambda: latency(seconds, runs),
+        lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20, runs),
         registry_scale,
     ]
     for step in steps:
+        load_before, t0 = os.getloadavg()[0], time.monotonic()
         step()
+        print(
+            f"\n(load average, 1 min: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
+            f"{time.monotonic() - t0:.0f} s)"
+        )
+    print(f"\nTotal {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

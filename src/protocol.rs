@@ -79,11 +79,25 @@ pub fn classify_validated(data: &[u8]) -> Validated<'_> {
             return Validated::Answer(cookie);
         }
     }
-    if data.len() > TOKEN_LEN && data[TOKEN_LEN] == b' ' && is_hex_token(&data[..TOKEN_LEN]) {
-        return Validated::Tokened {
-            token: &data[..TOKEN_LEN],
-            body: &data[TOKEN_LEN + 1..],
-        };
+    // `{token} {body}`. A blank body (the client sent an empty or all-space message) leaves the
+    // token alone once the padding is stripped: it is still tokened, and ignored as in the open
+    // protocol, not counted as malformed and answered with a challenge.
+    if data.len() >= TOKEN_LEN && is_hex_token(&data[..TOKEN_LEN]) {
+        match data.get(TOKEN_LEN) {
+            None => {
+                return Validated::Tokened {
+                    token: data,
+                    body: &data[TOKEN_LEN..],
+                }
+            }
+            Some(b' ') => {
+                return Validated::Tokened {
+                    token: &data[..TOKEN_LEN],
+                    body: &data[TOKEN_LEN + 1..],
+                }
+            }
+            Some(_) => {}
+        }
     }
     Validated::Other
 }
@@ -427,7 +441,21 @@ mod tests {
                 body: b"^hb^"
             }
         );
-        for other in [&b"^hb^"[..], b"quit", b"hello", b"reg 123", &token] {
+        // A blank message from a validated client: tokened, with nothing after the token.
+        let mut blank = token.to_vec();
+        blank.push(b' ');
+        pad(&mut blank);
+        for tokened in [&blank[..], &token] {
+            assert_eq!(
+                classify_validated(tokened),
+                Validated::Tokened {
+                    token: &token,
+                    body: b""
+                }
+            );
+        }
+        assert_eq!(classify(b""), Datagram::Empty); // what the body then reads as
+        for other in [&b"^hb^"[..], b"quit", b"hello", b"reg 123", &token[1..]] {
             assert_eq!(
                 classify_validated(other),
                 Validated::Other,
@@ -447,5 +475,321 @@ mod tests {
         fn classify_validated_never_panics(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = classify_validated(&data);
         }
+    }
+
+    // --- The fuzz target -----------------------------------------------------------------
+    //
+    // What `cargo fuzz` would run, on stable and in `cargo test`: `check_parsers` feeds one
+    // input to every parser here and asserts each one's invariants against a reference written
+    // apart from the code under test; proptest drives it with arbitrary bytes and with near
+    // misses built from the protocol's own words, whitespace and tokens (random bytes almost
+    // never spell `reg` or a 32-digit hex token). A long run:
+    // `PROPTEST_CASES=1000000 cargo test --release --lib fuzz_`.
+
+    /// The bytes Python's `bytes.strip()` removes, as Python lists them:
+    /// `[b for b in range(256) if bytes([b]).strip() == b""]` is `[9, 10, 11, 12, 13, 32]`.
+    const PY_STRIPPED: [u8; 6] = [9, 10, 11, 12, 13, 32];
+
+    fn py_strip(mut d: &[u8]) -> &[u8] {
+        while let [first, rest @ ..] = d {
+            if !PY_STRIPPED.contains(first) {
+                break;
+            }
+            d = rest;
+        }
+        while let [rest @ .., last] = d {
+            if !PY_STRIPPED.contains(last) {
+                break;
+            }
+            d = rest;
+        }
+        d
+    }
+
+    fn is_hex(t: &[u8]) -> bool {
+        t.len() == 32 && t.iter().all(|b| b"0123456789abcdefABCDEF".contains(b))
+    }
+
+    /// The validated-mode grammar of the README, over Python's strip.
+    fn expected_validated(data: &[u8]) -> Validated<'_> {
+        let s = py_strip(data);
+        if s == b"reg" {
+            Validated::Hello
+        } else if s.len() == 36 && s.starts_with(b"reg ") && is_hex(&s[4..]) {
+            Validated::Answer(&s[4..])
+        } else if s.len() >= 32 && is_hex(&s[..32]) && s.get(32).is_none_or(|&b| b == b' ') {
+            // `{token} {body}`: a blank body leaves the token alone once stripped.
+            Validated::Tokened {
+                token: &s[..32],
+                body: s.get(33..).unwrap_or_default(),
+            }
+        } else {
+            Validated::Other
+        }
+    }
+
+    /// Where `part` starts in `whole`, of which it must be a slice.
+    fn offset(whole: &[u8], part: &[u8]) -> usize {
+        let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+        assert!(
+            start + part.len() <= whole.len(),
+            "not a slice of the input"
+        );
+        start
+    }
+
+    /// One input through every parser; panics (a "crash") where an invariant does not hold.
+    fn check_parsers(data: &[u8]) {
+        let stripped = strip(data);
+        assert_eq!(stripped, py_strip(data), "strip is bytes.strip()");
+        let expected = match stripped {
+            b"" => Datagram::Empty,
+            b"reg" => Datagram::Register,
+            b"^hb^" => Datagram::Heartbeat,
+            b"quit" => Datagram::Quit,
+            payload => Datagram::Message(payload),
+        };
+        assert_eq!(classify(data), expected);
+
+        let validated = classify_validated(data);
+        assert_eq!(validated, expected_validated(data));
+        match validated {
+            Validated::Answer(t) => assert_eq!(offset(data, t), offset(data, stripped) + 4),
+            Validated::Tokened { token, body } => {
+                assert_eq!(offset(data, token), offset(data, stripped));
+                offset(data, body);
+            }
+            Validated::Hello | Validated::Other => {}
+        }
+
+        for prefix in [CHALLENGE, WELCOME, END_KEYED] {
+            let expected = stripped.strip_prefix(prefix).filter(|t| is_hex(t));
+            assert_eq!(parse_keyed(data, prefix), expected);
+        }
+
+        if let Some(ack) = parse_ack(data) {
+            assert!(data.starts_with(b"ack: "));
+            // The payload is the datagram's tail, less at most the one newline the server adds.
+            let end = offset(data, ack.payload) + ack.payload.len();
+            assert!(end == data.len() || (end + 1 == data.len() && data[end] == b'\n'));
+            // The sender line is one `{ip} {port}` line: written out again as a server writes
+            // it, the datagram reads back the same.
+            let line = &data[5..offset(data, ack.payload)];
+            assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            assert_eq!(line.iter().filter(|&&b| b == b' ').count(), 1);
+            let mut again = Vec::new();
+            write_ack(&mut again, ack.sender, ack.payload);
+            assert_eq!(parse_ack(&again), Some(ack));
+        }
+    }
+
+    fn hex_token() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(
+            proptest::sample::select(b"0123456789abcdefABCDEF".to_vec()),
+            TOKEN_LEN,
+        )
+    }
+
+    /// A piece of a near miss: a protocol word or a near miss of one, whitespace (with bytes
+    /// that are whitespace to `str.strip()` but not to `bytes.strip()`), a token of 31 to 33
+    /// hex digits, or a few arbitrary bytes.
+    fn piece() -> impl Strategy<Value = Vec<u8>> {
+        let words: Vec<&[u8]> = vec![
+            b"reg",
+            b"^hb^",
+            b"quit",
+            b"end",
+            b"end ",
+            b"reg ",
+            b"ack:",
+            b"ack: ",
+            b"challenge ",
+            b"welcome ",
+            b"REG",
+            b"re",
+            b"eg",
+            b"^hb",
+            b"hb^",
+            b"qui",
+            b"Quit",
+            b"127.0.0.1",
+            b"::1",
+            b"80",
+            b"65535",
+            b"65536",
+            b"+1",
+            b"\n",
+            b" ",
+        ];
+        let spaces = b" \t\n\r\x0b\x0c\x00\x1c\x1f\x85\xa0".to_vec();
+        prop_oneof![
+            proptest::sample::select(words).prop_map(<[u8]>::to_vec),
+            proptest::collection::vec(proptest::sample::select(spaces), 1..4),
+            proptest::collection::vec(
+                proptest::sample::select(b"0123456789abcdefABCDEFg".to_vec()),
+                TOKEN_LEN - 1..=TOKEN_LEN + 1
+            ),
+            proptest::collection::vec(any::<u8>(), 1..8),
+        ]
+    }
+
+    fn near_miss() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(piece(), 0..6).prop_map(|p| p.concat())
+    }
+
+    /// `ack: {ip} {port}\n{payload}\n` with each part right or nearly right.
+    /// With the sender it must be read as, `Some(None)` if it must not be read, `None` if either.
+    fn ack_near_miss() -> impl Strategy<Value = (Vec<u8>, Option<Option<SocketAddr>>)> {
+        let ip = prop_oneof![
+            4 => any::<IpAddr>().prop_map(|ip| (ip.to_string(), Some(ip))),
+            1 => any::<IpAddr>().prop_map(|ip| (ip.to_string().to_uppercase(), Some(ip))),
+            1 => any::<std::net::Ipv6Addr>().prop_map(|ip| (format!("[{ip}]"), None)),
+            1 => any::<std::net::Ipv6Addr>().prop_map(|ip| (format!("{ip}%1"), None)),
+            1 => any::<[u8; 4]>().prop_map(|o| (format!("{}.{}.{}.0{}", o[0], o[1], o[2], o[3]), None)),
+            1 => "[0-9a-f.:]{0,12}".prop_map(|s| {
+                let ip = s.parse().ok();
+                (s, ip)
+            }),
+        ];
+        let port = prop_oneof![
+            4 => any::<u16>().prop_map(|p| (p.to_string(), Some(p))),
+            1 => any::<u16>().prop_map(|p| (format!("00{p}"), Some(p))),
+            1 => any::<u16>().prop_map(|p| (format!("+{p}"), None)),
+            1 => (65536u32..10_000_000).prop_map(|p| (p.to_string(), None)),
+            1 => Just((String::new(), None)),
+        ];
+        // (prefix, separator, end of line, read as an ack?): `Some(false)` never is, `None`
+        // depends on the payload (with no newline here, the payload's first one ends the line).
+        let framing = proptest::sample::select(vec![
+            ("ack: ", " ", "\n", Some(true)),
+            ("ack: ", "  ", "\n", Some(false)),
+            ("ack: ", "\t", "\n", Some(false)),
+            ("ack: ", " ", "\r\n", Some(false)),
+            ("ack: ", " ", " \n", Some(false)),
+            ("ack: ", " ", "", None),
+            ("ack:", " ", "\n", Some(false)),
+            ("ACK: ", " ", "\n", Some(false)),
+            (" ack: ", " ", "\n", Some(false)),
+        ]);
+        let payload = prop_oneof![near_miss(), proptest::collection::vec(any::<u8>(), 0..64)];
+        (framing, ip, port, payload).prop_map(
+            |((prefix, sep, eol, good), (ip, ip_ok), (port, port_ok), payload)| {
+                let datagram = [
+                    prefix.as_bytes(),
+                    ip.as_bytes(),
+                    sep.as_bytes(),
+                    port.as_bytes(),
+                    eol.as_bytes(),
+                    &payload,
+                ]
+                .concat();
+                let sender = match (good, ip_ok, port_ok) {
+                    (Some(true), Some(ip), Some(port)) => Some(Some(SocketAddr::new(ip, port))),
+                    (None, _, _) => None,
+                    _ => Some(None),
+                };
+                (datagram, sender)
+            },
+        )
+    }
+
+    fn fuzz_config() -> ProptestConfig {
+        let cases = std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok());
+        ProptestConfig::with_cases(cases.unwrap_or(4096))
+    }
+
+    proptest! {
+        #![proptest_config(fuzz_config())]
+
+        #[test]
+        fn fuzz_parsers_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            check_parsers(&data);
+        }
+
+        #[test]
+        fn fuzz_parsers_on_near_misses(data in near_miss()) {
+            check_parsers(&data);
+        }
+
+        #[test]
+        fn fuzz_parse_ack_on_near_misses((data, sender) in ack_near_miss()) {
+            check_parsers(&data);
+            if let Some(sender) = sender {
+                prop_assert_eq!(parse_ack(&data).map(|a| a.sender), sender);
+            }
+        }
+
+        /// What a validated client sends, `{token} {body}` padded, is read by the server as
+        /// `body` in the open protocol, whatever the body (blank included).
+        #[test]
+        fn fuzz_a_tokened_body_reads_as_in_open_mode(token in hex_token(), body in near_miss()) {
+            let mut datagram = token.clone();
+            datagram.push(b' ');
+            datagram.extend_from_slice(&body);
+            pad(&mut datagram);
+            check_parsers(&datagram);
+            match classify_validated(&datagram) {
+                Validated::Tokened { token: t, body: b } => {
+                    prop_assert_eq!(t, &token[..]);
+                    prop_assert_eq!(classify(b), classify(&body));
+                }
+                other => prop_assert!(false, "{:?}", other),
+            }
+        }
+
+        /// Keyed server datagrams and the client's answer read back, whitespace around them or
+        /// not; and nothing a server sends is accepted by a validated server, so two servers
+        /// cannot keep each other busy.
+        #[test]
+        fn fuzz_keyed_datagrams_round_trip(
+            token in hex_token(),
+            before in proptest::collection::vec(proptest::sample::select(PY_STRIPPED.to_vec()), 0..3),
+            after in proptest::collection::vec(proptest::sample::select(PY_STRIPPED.to_vec()), 0..3),
+            sender in any::<SocketAddr>(),
+            payload in near_miss(),
+        ) {
+            for prefix in [CHALLENGE, WELCOME, END_KEYED] {
+                let mut datagram = before.clone();
+                write_keyed(&mut datagram, prefix, &token);
+                datagram.extend_from_slice(&after);
+                check_parsers(&datagram);
+                prop_assert_eq!(parse_keyed(&datagram, prefix), Some(&token[..]));
+                prop_assert_eq!(classify_validated(&datagram), Validated::Other);
+            }
+            let mut answer = b"reg ".to_vec();
+            answer.extend_from_slice(&token);
+            pad(&mut answer);
+            prop_assert_eq!(classify_validated(&answer), Validated::Answer(&token));
+            let mut ack = Vec::new();
+            write_ack(&mut ack, sender, &payload);
+            prop_assert_eq!(classify_validated(&ack), Validated::Other);
+        }
+    }
+
+    #[test]
+    fn strip_removes_what_bytes_strip_removes_and_nothing_else() {
+        for b in 0..=255u8 {
+            let alone = [b];
+            assert_eq!(
+                strip(&alone).is_empty(),
+                PY_STRIPPED.contains(&b),
+                "{b:#04x}"
+            );
+            let framed = [b, b'x', b];
+            assert_eq!(strip(&framed), py_strip(&framed), "{b:#04x}");
+        }
+    }
+
+    /// `crash-78b819b…` (0a 7a 8f), committed at the root by the first atheris run: every
+    /// parser reads it as an ordinary message; it never crashed anything here.
+    #[test]
+    fn the_atheris_artifact_is_an_ordinary_message() {
+        let data = b"\nz\x8f";
+        check_parsers(data);
+        assert_eq!(classify(data), Datagram::Message(b"z\x8f"));
+        assert_eq!(classify_validated(data), Validated::Other);
+        assert_eq!(parse_ack(data), None);
     }
 }
