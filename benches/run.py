@@ -2,6 +2,7 @@
 
     python benches/run.py            # all of it, a few minutes on 2 cores
     python benches/run.py --quick    # shorter runs, for a smoke test
+    python benches/run.py --only busy --only latency   # some steps only
 
 Needs udpchat installed (`pip install .`) and cargo (it builds the Rust load generator and the
 kernel baseline). Servers under test, each started fresh for every measurement:
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import logging
 import os
 import platform
 import signal
@@ -45,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "target" / "release" / "examples"
 # How long a server or CPU burner started here lives at most, if nobody kills it first.
 LIFETIME = 600.0
+# The steps of a full run, in order; `--only` picks some.
+STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry")
 
 
 # --- the servers under test -----------------------------------------------------------------
@@ -130,8 +134,31 @@ def busy_loop(seconds: float = LIFETIME) -> None:
             x += 1
 
 
-def serve(kind: str, busy: bool, fanout_threads: int) -> None:
-    """Runs one server in this process, prints its address, serves until killed."""
+def churn(address: str, pairs_per_s: int = 1000, seconds: float = LIFETIME) -> None:
+    """Joins and leaves: `pairs_per_s` a second, each a `reg` then a `quit` from one of 100
+    sockets in turn, so a server logs two INFO records for each pair; ends after `seconds`."""
+    ip, port = address.rsplit(":", 1)
+    target = (ip, int(port))
+    socks = [socket.socket(type=socket.SOCK_DGRAM) for _ in range(100)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    start = time.monotonic()
+    sent = 0
+    while (elapsed := time.monotonic() - start) < seconds:
+        due = int(elapsed * pairs_per_s)
+        while sent < due:
+            sock = socks[sent % len(socks)]
+            sock.sendto(b"reg", target)
+            sock.sendto(b"quit", target)
+            sent += 1
+        time.sleep(0.001)
+
+
+def serve(kind: str, busy: bool, fanout_threads: int, log_info: bool = False) -> None:
+    """Runs one server in this process, prints its address, serves until killed. With
+    `log_info`, logging at INFO to a file (/dev/null), as a service would log to its own."""
+    if log_info:
+        logging.basicConfig(level=logging.INFO, filename=os.devnull)
     if kind == "udpchat":
         from udpchat import ChatServerUdp
 
@@ -164,12 +191,15 @@ def serve(kind: str, busy: bool, fanout_threads: int) -> None:
 
 
 @contextmanager
-def server(kind: str, busy: bool = False, fanout_threads: int = 1) -> Iterator[str]:
+def server(
+    kind: str, busy: bool = False, fanout_threads: int = 1, log_info: bool = False
+) -> Iterator[str]:
     if kind == "baseline":
         cmd = [str(EXAMPLES / "baseline"), "127.0.0.1:0"]
     else:
         cmd = [sys.executable, __file__, "serve", kind, "--fanout-threads", str(fanout_threads)]
         cmd += ["--busy"] if busy else []
+        cmd += ["--log-info"] if log_info else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -177,6 +207,18 @@ def server(kind: str, busy: bool = False, fanout_threads: int = 1) -> Iterator[s
         if not address:
             raise RuntimeError(f"{kind} server did not start")
         yield address
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextmanager
+def churner(address: str) -> Iterator[None]:
+    """1,000 joins and leaves a second against `address`, from another process."""
+    proc = subprocess.Popen([sys.executable, __file__, "churn", address])
+    try:
+        time.sleep(0.2)
+        yield
     finally:
         proc.kill()
         proc.wait(10)
@@ -311,24 +353,32 @@ def fan_out(seconds: float, runs: int) -> None:
 
 def busy_host(seconds: float, runs: int) -> None:
     """Target 3: the host's main thread runs a Python loop vs the same load in another process,
-    the two interleaved, the median of `runs` each."""
+    the two interleaved, the median of `runs` each. The last case logs at INFO while 1,000
+    clients a second join and leave: the records go through udpchat's logging thread, and the
+    fan-out must not wait for the GIL because of them."""
 
     def measure(case: str) -> dict[str, float]:
-        kind, where = case.split()
-        if where == "same":
-            with server(kind, busy=True) as address:
-                return loadgen("throughput", address, 100, 4, 64, seconds)
-        with cpu_burner(), server(kind) as address:
+        kind, where = case.split()[:2]
+        churning = case.endswith("churn")
+        burner = cpu_burner() if where == "other" else contextlib.nullcontext()
+        with (
+            burner,
+            server(kind, busy=where == "same", log_info=churning) as address,
+            churner(address) if churning else contextlib.nullcontext(),
+        ):
             return loadgen("throughput", address, 100, 4, 64, seconds)
 
-    cases = [f"{kind} {where}" for kind in ["udpchat", "tutorial"] for where in ["same", "other"]]
+    kinds = ["udpchat", "tutorial", "udpchat INFO+churn"]
+    cases = [f"{kind.split()[0]} {where} {kind}" for kind in kinds for where in ["same", "other"]]
     results = interleaved(cases, runs, measure)
     rows = []
-    for kind in ["udpchat", "tutorial"]:
+    for kind in kinds:
         key = "deliveries_per_s"
-        same = statistics.median(r[key] for r in results[f"{kind} same"])
-        other = statistics.median(r[key] for r in results[f"{kind} other"])
-        rows.append([kind, f"{same:,.0f}", f"{other:,.0f}", ratio(same, other)])
+        name = kind.split()[0]
+        same = statistics.median(r[key] for r in results[f"{name} same {kind}"])
+        other = statistics.median(r[key] for r in results[f"{name} other {kind}"])
+        label = kind.replace("INFO+churn", "(INFO logging, 1,000 joins+leaves/s)")
+        rows.append([label, f"{same:,.0f}", f"{other:,.0f}", ratio(same, other)])
     table(
         "Busy host: deliveries/s, 100 clients, 64 B, while a CPU-bound Python loop runs",
         ["server", "loop in the server's process", "loop in another process", "ratio"],
@@ -554,13 +604,22 @@ def main() -> None:
     s.add_argument("kind")
     s.add_argument("--busy", action="store_true")
     s.add_argument("--fanout-threads", type=int, default=1)
+    s.add_argument("--log-info", action="store_true")
     sub.add_parser("burn", help="(internal) the CPU-bound loop of the busy-host benchmark")
+    c = sub.add_parser("churn", help="(internal) joins and leaves against a server")
+    c.add_argument("address")
     parser.add_argument("--quick", action="store_true", help="shorter runs, one of each")
     parser.add_argument("--runs", type=int, help="interleaved runs per figure (default 3)")
+    parser.add_argument(
+        "--only", choices=list(STEPS), action="append", help="run only these steps (repeatable)"
+    )
     args = parser.parse_args()
     if args.command == "serve":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        serve(args.kind, args.busy, args.fanout_threads)
+        serve(args.kind, args.busy, args.fanout_threads, args.log_info)
+        return
+    if args.command == "churn":
+        churn(args.address)
         return
     if args.command == "burn":
         busy_loop()
@@ -574,17 +633,18 @@ def main() -> None:
     rmem, wmem = sysctl("net.core.rmem_max"), sysctl("net.core.wmem_max")
     print(f"sysctl net.core.rmem_max = {rmem}, net.core.wmem_max = {wmem}")
     print(f"{runs} interleaved run(s) per compared figure, medians shown")
-    steps: list[Callable[[], None]] = [
-        lambda: fan_out(seconds, runs),
-        lambda: busy_host(seconds, runs),
-        lambda: cores(seconds, runs),
-        lambda: latency(seconds, runs),
-        lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20, runs),
-        registry_scale,
-    ]
-    for step in steps:
+    steps: dict[str, Callable[[], None]] = {
+        "fanout": lambda: fan_out(seconds, runs),
+        "busy": lambda: busy_host(seconds, runs),
+        "cores": lambda: cores(seconds, runs),
+        "latency": lambda: latency(seconds, runs),
+        "ingest": lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20, runs),
+        "registry": registry_scale,
+    }
+    assert list(steps) == list(STEPS)
+    for name in args.only or STEPS:
         load_before, t0 = os.getloadavg()[0], time.monotonic()
-        step()
+        steps[name]()
         print(
             f"\n(load average, 1 min: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; "
             f"{time.monotonic() - t0:.0f} s)"
