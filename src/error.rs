@@ -14,6 +14,9 @@ pub enum Error {
     AlreadyRunning(&'static str),
     /// A core thread panicked; the message is the panic's.
     Panicked(String),
+    /// A message that can never be relayed: its broadcast would be longer than UDP carries.
+    /// The text says the limit.
+    TooLong(String),
 }
 
 impl Error {
@@ -32,6 +35,7 @@ impl fmt::Display for Error {
             Error::NotRunning(what) => write!(f, "{what} is not running"),
             Error::AlreadyRunning(what) => write!(f, "{what} is already running"),
             Error::Panicked(msg) => write!(f, "a udpchat thread panicked: {msg}"),
+            Error::TooLong(msg) => f.write_str(msg),
         }
     }
 }

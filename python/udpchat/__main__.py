@@ -203,7 +203,10 @@ def chat(ip: str, port: int, interval: float) -> int:
             if line.strip() == "quit":
                 break
             if line.strip():
-                client.send(line)
+                try:
+                    client.send(line)
+                except ValueError as e:  # too long for any server to relay: said, and go on
+                    print(f"udpchat: not sent: {e}", file=sys.stderr)
     except (KeyboardInterrupt, _ServerEnded):
         pass
     finally:

@@ -8,6 +8,7 @@ from typing_extensions import Self
 
 __all__ = [
     "MAX_DATAGRAM",
+    "MAX_MESSAGE",
     "ChatClientUdp",
     "ChatServerUdp",
     "Message",
@@ -19,6 +20,10 @@ __version__: str
 MAX_DATAGRAM: int
 """The largest UDP payload over IPv4 (65,507 bytes), ``ChatServerUdp``'s default
 ``max_datagram``."""
+MAX_MESSAGE: int
+"""The longest message any server can relay (65,495 bytes), not counting leading and trailing
+whitespace, which the server strips: its broadcast, ``ack:`` line included, must fit in 65,507
+bytes, and the shortest ``ack:`` line takes 12. ``ChatClientUdp.send`` refuses a longer one."""
 
 def reset_log_cache() -> None:
     """Make udpchat re-read the levels of its ``udpchat.*`` loggers.
@@ -108,14 +113,16 @@ class ChatServerUdp:
     def broadcast(self, msg: str | bytes) -> None:
         """Send ``msg`` to every live client as a message from the server's own address.
 
-        Raises RuntimeError if the server is not running.
+        Raises RuntimeError if the server is not running, ValueError if the broadcast, ``ack:``
+        line included, would be longer than 65,507 bytes.
         """
 
     def stats(self) -> dict[str, int]:
         """Counters since start; they outlive ``stop()``.
 
         ``received`` datagrams, ``broadcasts`` (messages relayed), ``deliveries`` (datagrams
-        sent for them), ``send_errors``; datagrams dropped: ``dropped_oversize``,
+        sent for them), ``send_errors``; datagrams dropped: ``dropped_oversize`` (longer
+        than ``max_datagram``, or a message whose broadcast would exceed 65,507 bytes),
         ``dropped_over_cap`` (a new client past ``max_clients`` / ``max_per_ip``),
         ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: a cookie or token
         not valid for its source), ``dropped_malformed`` (validated mode: neither a handshake
@@ -191,7 +198,10 @@ class ChatClientUdp:
     def send(self, msg: str | bytes = "quit") -> None:
         """Send ``msg`` (str as UTF-8, or bytes) to the server.
 
-        Raises RuntimeError if the client is not running, OSError if the send fails.
+        Raises ValueError if no server could relay it (longer than ``MAX_MESSAGE`` bytes once
+        stripped of leading and trailing whitespace), RuntimeError if the client is not running,
+        OSError if the send fails (``EMSGSIZE`` for a datagram longer than the socket carries:
+        65,507 bytes over IPv4, a validated client's 33-byte token prefix included).
         """
 
     def recv(self, timeout: float | None = None) -> Message | None:

@@ -175,8 +175,16 @@ impl Server {
     }
 
     /// Sends `payload` to every live client as a message from the server's own address.
+    /// `TooLong` if its broadcast would be longer than `protocol::MAX_BROADCAST`.
     pub fn broadcast(&self, payload: &[u8]) -> Result<()> {
         self.workers.check()?;
+        let len = protocol::ack_len(self.shared.local, payload.len());
+        if len > protocol::MAX_BROADCAST {
+            return Err(Error::TooLong(format!(
+                "a broadcast can be at most {} bytes with its `ack:` line; this one would be {len}",
+                protocol::MAX_BROADCAST
+            )));
+        }
         let mut datagram = Vec::new();
         protocol::write_ack(&mut datagram, self.shared.local, payload);
         let stop = self.workers.stop();
@@ -291,6 +299,31 @@ mod tests {
         assert_eq!(recv(&b), b"end");
         let counts = ["received", "broadcasts", "deliveries"].map(|n| stat(&server, n));
         assert_eq!(counts, [2, 1, 2]);
+    }
+
+    #[test]
+    fn a_message_too_long_to_relay_is_refused_once_and_counted() {
+        let server = server(MAX_DATAGRAM);
+        let addr = server.local_addr();
+        let (a, b) = (peer(), peer());
+        b.send_to(b"reg", addr).unwrap();
+        let from = a.local_addr().unwrap();
+        // The longest payload that fits with this sender's `ack:` line, and one byte more.
+        let head = format!("ack: {} {}\n", from.ip(), from.port()).len();
+        let fits = protocol::MAX_BROADCAST - head - 1;
+        a.send_to(&vec![b'x'; fits + 1], addr).unwrap();
+        a.send_to(&vec![b'y'; fits], addr).unwrap();
+        let got = recv(&b);
+        assert_eq!((got.len(), got[head]), (protocol::MAX_BROADCAST, b'y'));
+        assert_eq!(stat(&server, "dropped_oversize"), 1);
+        assert_eq!(stat(&server, "send_errors"), 0);
+        // The server's own broadcast is refused at the call.
+        let own = protocol::ack_len(addr, 0);
+        let long = vec![b'z'; protocol::MAX_BROADCAST - own + 1];
+        assert!(matches!(server.broadcast(&long), Err(Error::TooLong(_))));
+        server.broadcast(&long[1..]).unwrap();
+        assert_eq!(recv(&b).len(), protocol::MAX_BROADCAST);
+        server.stop();
     }
 
     #[test]

@@ -76,6 +76,20 @@ impl<'a> Receive<'a> {
                 }
             }
             Datagram::Message(payload) => {
+                // Refused here, once, rather than failing at every client's send.
+                if protocol::ack_len(from, payload.len()) > protocol::MAX_BROADCAST {
+                    self.shared.counters.dropped_oversize.fetch_add(1, Relaxed);
+                    throttled!(
+                        self.warnings,
+                        warn,
+                        target: LOG_TARGET,
+                        "dropped a message from {from}: {} bytes, too long to relay (a broadcast \
+                         can be at most {} bytes with its `ack:` line)",
+                        payload.len(),
+                        protocol::MAX_BROADCAST
+                    );
+                    return;
+                }
                 // A source the table turns away is not relayed either.
                 if self.touch(from, now) {
                     let mut datagram = Vec::new();
