@@ -263,7 +263,7 @@ impl Receive<'_> {
 }
 
 impl net::Handler for Receive<'_> {
-    fn datagram(&mut self, data: &[u8], from: SocketAddr, _cut: bool) {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, _: Option<IpAddr>, _cut: bool) {
         let shared = self.shared;
         if shared.ended.load(Ordering::Relaxed) {
             return; // the rest of the batch that brought `end`

@@ -1,5 +1,6 @@
-//! The fan-out: every broadcast to every live client through `sendmmsg`, and the thread that
-//! sends queued broadcasts and sweeps out silent clients.
+//! The fan-out: every broadcast to every live client through `sendmmsg`, each from the local
+//! address the client sends to, and the thread that sends queued broadcasts and sweeps out
+//! silent clients.
 //!
 //! Every fan-out runs under one lock, `Shared::sending`, held across the `sendmmsg` calls by
 //! whichever thread sends (this thread, or the receiver for a small fan-out with nothing queued
@@ -84,12 +85,22 @@ impl Shared {
         let pairs = datagrams.iter().flat_map(|d| {
             part.iter()
                 .filter(move |m| clock.is_live(m, now))
-                .map(move |m| (*d, m.addr))
+                .map(move |m| (*d, m.addr, m.local))
         });
+        let until = net::Until {
+            stop: Some(stop),
+            deadline: None,
+        };
         let errors = &mut sending.errors;
-        let sent = net::send_each(&self.socket, &mut sending.outbox, pairs, stop, |addr, e| {
-            throttled!(errors, warn, target: LOG_TARGET, "cannot send to {addr}: {e}");
-        });
+        let sent = net::send_each(
+            &self.socket,
+            &mut sending.outbox,
+            pairs,
+            until,
+            |addr, e| {
+                throttled!(errors, warn, target: LOG_TARGET, "cannot send to {addr}: {e}");
+            },
+        );
         self.counters.deliveries.fetch_add(sent.delivered, Relaxed);
         self.counters.send_errors.fetch_add(sent.failed, Relaxed);
     }
