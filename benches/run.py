@@ -7,6 +7,8 @@ Needs udpchat installed (`pip install .`) and cargo (it builds the Rust load gen
 kernel baseline). Servers under test, each started fresh for every measurement:
 
   udpchat    ChatServerUdp, in its own Python process
+  udpchat-any  the same bound to 0.0.0.0: it answers each client from the address it sent to
+             (IP_PKTINFO), as a server on a host with several addresses must
   baseline   benches/baseline.rs: one thread, recvmmsg/sendmmsg, nothing else (the kernel's limit)
   tutorial   the tutorial's threaded pure-Python server, copied below (prints removed)
   asyncio    the same protocol on asyncio's DatagramProtocol
@@ -123,12 +125,14 @@ def busy_loop() -> None:
 
 def serve(kind: str, busy: bool, fanout_threads: int) -> None:
     """Runs one server in this process, prints its address, serves until killed."""
-    if kind == "udpchat":
+    if kind in ("udpchat", "udpchat-any"):
         from udpchat import ChatServerUdp
 
-        server = ChatServerUdp(port=0, fanout_threads=fanout_threads)
+        ip = "0.0.0.0" if kind == "udpchat-any" else "127.0.0.1"
+        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads)
         server.start()
-        address = server.address
+        assert server.address is not None
+        address = ("127.0.0.1", server.address[1])
     elif kind == "tutorial":
         tutorial = TutorialServer(port=0)
         tutorial.start()
@@ -217,7 +221,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 # --- the benchmarks --------------------------------------------------------------------------
 
-SERVERS = ["udpchat", "baseline", "tutorial", "asyncio"]
+SERVERS = ["udpchat", "udpchat-any", "baseline", "tutorial", "asyncio"]
 
 
 def median_run(kind: str, runs: int, *args: object, fanout_threads: int = 1) -> dict[str, float]:
@@ -231,14 +235,15 @@ def median_run(kind: str, runs: int, *args: object, fanout_threads: int = 1) -> 
 
 
 def fan_out(seconds: float) -> None:
-    """Targets 1 and 2: deliveries/s by clients and payload size, each server fresh. udpchat and
-    the baseline (the ratio that matters) take the median of three runs, interleaved."""
+    """Targets 1 and 2: deliveries/s by clients and payload size, each server fresh. udpchat (on
+    127.0.0.1 and on 0.0.0.0) and the baseline (the ratios that matter) take the median of three
+    runs."""
     configs = [(100, 4, 64), (100, 4, 1200), (1000, 4, 64), (1000, 4, 1200), (2, 2, 64)]
     rows = []
     for clients, senders, size in configs:
         got = {}
         for kind in SERVERS:
-            runs = 3 if kind in ("udpchat", "baseline") else 1
+            runs = 3 if kind in ("udpchat", "udpchat-any", "baseline") else 1
             got[kind] = median_run(kind, runs, clients, senders, size, seconds)
         key = "messages_per_s" if clients == 2 else "deliveries_per_s"
         rows.append(
@@ -246,13 +251,21 @@ def fan_out(seconds: float) -> None:
                 f"{clients} clients, {size} B" + (" (messages/s)" if clients == 2 else ""),
                 *(f"{got[k][key]:,.0f}" for k in SERVERS),
                 ratio(got["udpchat"][key], got["baseline"][key]),
+                ratio(got["udpchat-any"][key], got["udpchat"][key]),
                 ratio(got["udpchat"][key], got["tutorial"][key]),
                 f"{got['udpchat']['delivery_ratio']:.3f}",
             ]
         )
     table(
         "Fan-out: deliveries per second (2 clients: messages per second)",
-        ["load", *SERVERS, "udpchat/baseline", "udpchat/tutorial", "udpchat delivered"],
+        [
+            "load",
+            *SERVERS,
+            "udpchat/baseline",
+            "any/udpchat",
+            "udpchat/tutorial",
+            "udpchat delivered",
+        ],
         rows,
     )
 
