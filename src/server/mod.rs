@@ -148,6 +148,7 @@ impl Server {
             workers,
             fanout: fanout.clone(),
         };
+        fanout::start_helpers(&shared, &server.workers)?;
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
             server.workers.spawn("udpchat-srv-rx", move || {

@@ -209,8 +209,7 @@ impl net::Handler for Receive<'_> {
                 // Checked again under the lock: the fan-out thread empties the queue only while
                 // holding it, so nothing queued can be overtaken.
                 if self.fanout.is_empty() {
-                    shared.fan_out(&mut sending, self.job.iter(), self.stop);
-                    self.job.clear();
+                    shared.fan_out(&mut sending, &mut self.job, self.stop);
                     return;
                 }
             }
