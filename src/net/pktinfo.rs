@@ -5,7 +5,9 @@
 //! from any other address of the host.
 //!
 //! A control message is encoded into, and decoded from, a [`Control`]: fixed-size, aligned
-//! space the caller owns, one per datagram.
+//! space the caller owns, one per datagram. It has room for one pktinfo message, which is all a
+//! socket of ours is asked to report: a socket option that adds another kind of control message
+//! on receive needs a larger one (the kernel would cut the rest and set `MSG_CTRUNC`).
 
 use std::io;
 use std::mem::size_of;
