@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import ack, thread_count, wait_until
+from conftest import ack, wait_until
 from udpchat import ChatServerUdp
 
 THREADS = 4
@@ -23,15 +23,12 @@ def thread_ids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
-def thread_names() -> list[str]:
-    names = []
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except FileNotFoundError:  # ended meanwhile
-            pass
-    return names
+def thread_name(tid: int) -> str | None:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:  # ended meanwhile
+        return None
 
 
 @pytest.fixture
@@ -69,18 +66,24 @@ def register_all(server: ChatServerUdp, socks: list[socket.socket]) -> None:
 
 
 def test_fan_out_threads_start_with_the_server_and_end_with_its_stop() -> None:
-    before = thread_count()
+    # Threads are told apart by id: those of earlier tests may still be ending meanwhile.
+    before = thread_ids()
     server = ChatServerUdp("127.0.0.1", 0, fanout_threads=THREADS)
     server.start()
     try:
-        # The receiver, the fan-out thread and its three helpers.
-        assert thread_count() - before == THREADS + 1
-        names = thread_names()
-        for i in range(2, THREADS + 1):
-            assert f"udpchat-srv-tx{i}" in names, names
+        started = thread_ids() - before
+        # The receiver, the fan-out thread and its three helpers. A new thread names itself
+        # once it runs: until then it shows its parent's name.
+        helpers = [f"udpchat-srv-tx{i}" for i in range(2, THREADS + 1)]
+        expected = sorted(["udpchat-srv-rx", "udpchat-srv-tx", *helpers])
+
+        def names() -> list[str]:
+            return sorted(str(thread_name(tid)) for tid in started)
+
+        assert wait_until(lambda: names() == expected), names()
     finally:
         server.stop()
-    assert thread_count() == before
+    assert not started & thread_ids()
 
 
 def test_no_thread_is_started_per_fan_out_and_every_client_gets_every_message_in_order(
