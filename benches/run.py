@@ -8,6 +8,8 @@ Needs udpchat installed (`pip install .`) and cargo (it builds the Rust load gen
 kernel baseline). Servers under test, each started fresh for every measurement:
 
   udpchat    ChatServerUdp, in its own Python process
+  udpchat-any  the same bound to 0.0.0.0: it answers each client from the address it sent to
+             (IP_PKTINFO), as a server on a host with several addresses must
   baseline   benches/baseline.rs: one thread, recvmmsg/sendmmsg, nothing else (the kernel's limit)
   tutorial   the tutorial's threaded pure-Python server, copied below (prints removed)
   asyncio    the same protocol on asyncio's DatagramProtocol
@@ -159,12 +161,14 @@ def serve(kind: str, busy: bool, fanout_threads: int, log_info: bool = False) ->
     `log_info`, logging at INFO to a file (/dev/null), as a service would log to its own."""
     if log_info:
         logging.basicConfig(level=logging.INFO, filename=os.devnull)
-    if kind == "udpchat":
+    if kind in ("udpchat", "udpchat-any"):
         from udpchat import ChatServerUdp
 
-        server = ChatServerUdp(port=0, fanout_threads=fanout_threads)
+        ip = "0.0.0.0" if kind == "udpchat-any" else "127.0.0.1"
+        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads)
         server.start()
-        address = server.address
+        assert server.address is not None
+        address = ("127.0.0.1", server.address[1])
     elif kind == "tutorial":
         tutorial = TutorialServer(port=0)
         tutorial.start()
@@ -285,7 +289,7 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 # --- the benchmarks --------------------------------------------------------------------------
 
-SERVERS = ["udpchat", "baseline", "tutorial", "asyncio"]
+SERVERS = ["udpchat", "udpchat-any", "baseline", "tutorial", "asyncio"]
 
 
 def interleaved(
@@ -312,8 +316,9 @@ def medians(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def fan_out(seconds: float, runs: int) -> None:
-    """Targets 1 and 2: deliveries/s by clients and payload size, each server fresh, the four
-    servers interleaved, the median of `runs` runs each."""
+    """Targets 1 and 2: deliveries/s by clients and payload size, each server fresh, the servers
+    interleaved, the median of `runs` runs each. udpchat runs twice: on 127.0.0.1, and on 0.0.0.0,
+    where it answers each client from the address it sent to (IP_PKTINFO)."""
     configs = [(100, 4, 64), (100, 4, 1200), (1000, 4, 64), (1000, 4, 1200), (2, 2, 64)]
     rows = []
     for clients, senders, size in configs:
@@ -332,6 +337,7 @@ def fan_out(seconds: float, runs: int) -> None:
                 f"{clients} clients, {size} B" + (" (messages/s)" if clients == 2 else ""),
                 *(f"{got[k][key]:,.0f}" for k in SERVERS),
                 ratio(got["udpchat"][key], got["baseline"][key]),
+                ratio(got["udpchat-any"][key], got["udpchat"][key]),
                 ratio(got["udpchat"][key], got["tutorial"][key]),
                 f"{got['udpchat']['delivery_ratio']:.3f}",
                 spread(results["udpchat"], results["baseline"], key),
@@ -343,6 +349,7 @@ def fan_out(seconds: float, runs: int) -> None:
             "load",
             *SERVERS,
             "udpchat/baseline",
+            "any/udpchat",
             "udpchat/tutorial",
             "udpchat delivered",
             "udpchat/baseline per round",

@@ -229,9 +229,19 @@ impl Client {
         lock(&self.shared.validation).token.is_some()
     }
 
-    /// Sends one chat message to the server.
+    /// Sends one chat message to the server. `TooLong` if no server could relay it (see
+    /// `protocol::MAX_MESSAGE`).
     pub fn send(&self, data: &[u8]) -> Result<()> {
         self.workers.check()?;
+        let len = protocol::strip(data).len();
+        if len > protocol::MAX_MESSAGE {
+            return Err(Error::TooLong(format!(
+                "a message can be at most {} bytes, not counting leading and trailing whitespace \
+                 (its broadcast adds an `ack:` line, and UDP carries at most {} bytes); got {len}",
+                protocol::MAX_MESSAGE,
+                protocol::MAX_BROADCAST
+            )));
+        }
         self.shared
             .send_message(data, Some(self.workers.stop()))
             .map_err(|e| Error::io("cannot send to the server", e))
@@ -288,7 +298,7 @@ impl Receive<'_> {
 }
 
 impl net::Handler for Receive<'_> {
-    fn datagram(&mut self, data: &[u8], from: SocketAddr, _cut: bool) {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, _: Option<IpAddr>, _cut: bool) {
         let shared = self.shared;
         if shared.ended.load(Ordering::Relaxed) {
             return; // the rest of the batch that brought `end`

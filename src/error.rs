@@ -16,6 +16,9 @@ pub enum Error {
     Forked(&'static str),
     /// A core thread panicked; the message is the panic's.
     Panicked(String),
+    /// A message that can never be relayed: its broadcast would be longer than UDP carries.
+    /// The text says the limit.
+    TooLong(String),
 }
 
 impl Error {
@@ -39,6 +42,7 @@ impl fmt::Display for Error {
                  the parent: start a new one here"
             ),
             Error::Panicked(msg) => write!(f, "a udpchat thread panicked: {msg}"),
+            Error::TooLong(msg) => f.write_str(msg),
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Socket plumbing shared by the server and the client: non-blocking UDP sockets driven by
 //! `poll(2)` together with the stop pipe, so a blocked receiver wakes the moment `stop()` fires.
 
+mod pktinfo;
+
 use std::io::{self, ErrorKind};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
@@ -10,6 +12,7 @@ use socket2::{Domain, Protocol, SockAddr, SockAddrStorage, Socket, Type};
 
 use crate::throttle::{throttled, Throttle};
 use crate::worker::Stop;
+use pktinfo::Control;
 
 /// How long a send waits for room in the socket's buffer before it gives up on that datagram.
 const SEND_WAIT: Duration = Duration::from_millis(200);
@@ -26,6 +29,12 @@ pub fn bind(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<UdpSocket> {
     socket.bind(&addr.into())?;
     socket.set_nonblocking(true)?;
     Ok(socket.into())
+}
+
+/// Makes the receive loop report, with each datagram, the local address it was sent to, so a
+/// socket bound to a wildcard address can answer from it (see `pktinfo`).
+pub fn report_local_addresses(socket: &UdpSocket) -> io::Result<()> {
+    pktinfo::enable(socket, socket.local_addr()?.is_ipv6())
 }
 
 /// Every address of this host's interfaces (getifaddrs(3)), for a server bound to a wildcard
@@ -242,13 +251,15 @@ impl Drop for Pages {
     }
 }
 
-/// Buffers for `recvmmsg`: up to `batch` datagrams of up to `size` bytes per system call.
+/// Buffers for `recvmmsg`: up to `batch` datagrams of up to `size` bytes per system call, with
+/// room for each one's control message (its local address, where the socket reports it).
 pub struct Inbox {
     size: usize,
     buf: Pages,
     names: Vec<SockAddrStorage>,
     /// Never read, only kept alive: the headers point into it.
     _iovs: Vec<libc::iovec>,
+    controls: Vec<Control>,
     hdrs: Vec<libc::mmsghdr>,
     received: usize,
 }
@@ -266,25 +277,29 @@ impl Inbox {
                 iov_len: size,
             })
             .collect();
+        let mut controls = vec![Control::default(); batch];
         let hdrs = iovs
             .iter_mut()
             .zip(names.iter_mut())
-            .map(|(iov, name)| {
+            .zip(controls.iter_mut())
+            .map(|((iov, name), control)| {
                 // SAFETY: mmsghdr is plain old data; all-zero is a valid value.
                 let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
                 hdr.msg_hdr.msg_name = (name as *mut SockAddrStorage).cast();
                 hdr.msg_hdr.msg_iov = iov;
                 hdr.msg_hdr.msg_iovlen = 1;
+                control.attach_for_receive(&mut hdr.msg_hdr);
                 hdr
             })
             .collect();
-        // The pointers above point into the heap blocks of `buf`, `names` and `iovs`, which
-        // never move or grow for as long as the Inbox lives.
+        // The pointers above point into the heap blocks of `buf`, `names`, `iovs` and
+        // `controls`, which never move or grow for as long as the Inbox lives.
         Inbox {
             size,
             buf,
             names,
             _iovs: iovs,
+            controls,
             hdrs,
             received: 0,
         }
@@ -293,9 +308,11 @@ impl Inbox {
     /// Receives as many datagrams as are waiting, up to the batch, without blocking.
     fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         let name_len = SockAddrStorage::zeroed().size_of();
-        for hdr in &mut self.hdrs {
+        for (hdr, control) in self.hdrs.iter_mut().zip(&mut self.controls) {
             hdr.msg_hdr.msg_namelen = name_len;
             hdr.msg_hdr.msg_flags = 0;
+            // The kernel shrinks it to what it wrote.
+            control.attach_for_receive(&mut hdr.msg_hdr);
         }
         // SAFETY: every header points at live buffers of the sizes it claims (see `new`).
         let n = unsafe {
@@ -311,9 +328,9 @@ impl Inbox {
         Ok(self.received)
     }
 
-    /// The datagrams of the last `recv`: bytes, sender, and whether it was longer than the buffer
-    /// (and so cut by the kernel).
-    fn datagrams(&self) -> impl Iterator<Item = (&[u8], Option<SocketAddr>, bool)> {
+    /// The datagrams of the last `recv`: bytes, sender, the local address it was sent to (if the
+    /// socket reports it), and whether it was longer than the buffer (and so cut by the kernel).
+    fn datagrams(&self) -> impl Iterator<Item = Received<'_>> {
         self.hdrs[..self.received]
             .iter()
             .zip(&self.names)
@@ -325,16 +342,30 @@ impl Inbox {
                 // plain bytes (no Drop), so a bitwise copy is a valid one.
                 let from = unsafe { SockAddr::new(std::ptr::read(name), hdr.msg_hdr.msg_namelen) }
                     .as_socket();
-                let cut = hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0;
-                (data, from, cut)
+                Received {
+                    data,
+                    from,
+                    local: pktinfo::local_address(&hdr.msg_hdr),
+                    cut: hdr.msg_hdr.msg_flags & libc::MSG_TRUNC != 0,
+                }
             })
     }
 }
 
+/// One datagram of a batch.
+struct Received<'a> {
+    data: &'a [u8],
+    from: Option<SocketAddr>,
+    local: Option<IpAddr>,
+    cut: bool,
+}
+
 /// What the receive loop hands datagrams to.
 pub trait Handler {
-    /// One datagram; `cut` if it was longer than the receive buffer.
-    fn datagram(&mut self, data: &[u8], from: SocketAddr, cut: bool);
+    /// One datagram from `from`; `local` is the address of this host it was sent to, where the
+    /// socket reports it ([`report_local_addresses`]); `cut` if it was longer than the receive
+    /// buffer.
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, local: Option<IpAddr>, cut: bool);
     /// Called after each batch, so work can be handed on in one piece.
     fn batch_done(&mut self) {}
     /// An ICMP error reported on the socket (see [`is_icmp_error`]).
@@ -354,9 +385,9 @@ pub fn receive_loop(
     while !stop.fired() {
         match inbox.recv(socket) {
             Ok(_) => {
-                for (data, from, cut) in inbox.datagrams() {
-                    if let Some(from) = from {
-                        handler.datagram(data, from, cut);
+                for d in inbox.datagrams() {
+                    if let Some(from) = d.from {
+                        handler.datagram(d.data, from, d.local, d.cut);
                     }
                 }
                 handler.batch_done();
@@ -381,11 +412,14 @@ pub fn receive_loop(
     }
 }
 
-/// Buffers for `sendmmsg`, reused from one fan-out to the next.
+/// Buffers for `sendmmsg`, reused from one call to the next. The headers are built over them by
+/// each `flush` and cleared after it, so nothing points into them between calls.
 #[derive(Default)]
 pub struct Outbox {
     names: Vec<SockAddr>,
     iovs: Vec<libc::iovec>,
+    /// Each datagram's source address, if it has one (an empty control otherwise).
+    controls: Vec<Control>,
     hdrs: Vec<libc::mmsghdr>,
 }
 
@@ -401,27 +435,80 @@ pub struct Sent {
     pub failed: u64,
 }
 
+/// How long a [`send_each`] may go on. Each wait for room in the socket buffer lasts at most
+/// `SEND_WAIT`, and a batch that found none is given up.
+#[derive(Clone, Copy, Default)]
+pub struct Until<'a> {
+    /// Ends the send once fired; what is left is neither delivered nor failed.
+    pub stop: Option<&'a Stop>,
+    /// Ends the send at this instant; what is left counts as failed.
+    pub deadline: Option<Instant>,
+}
+
+impl Until<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.is_some_and(Stop::fired)
+    }
+
+    fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// Waits for room in `socket`'s buffer, up to `SEND_WAIT` and the deadline.
+    fn wait_for_room(&self, socket: &UdpSocket) -> io::Result<Ready> {
+        let mut timeout = SEND_WAIT;
+        if let Some(deadline) = self.deadline {
+            timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        wait(socket, libc::POLLOUT, self.stop, Some(timeout))
+    }
+}
+
 impl Outbox {
+    fn clear(&mut self) {
+        self.names.clear();
+        self.iovs.clear();
+        self.controls.clear();
+        self.hdrs.clear();
+    }
+
     /// Sends the queued datagrams, a batch per system call. A destination that fails is counted,
-    /// reported to `on_error` and skipped; the rest still go out.
+    /// reported to `on_error` and skipped; the rest still go out. A datagram whose source address
+    /// cannot be sent from (it left the host since the client registered) goes out once more
+    /// from the address the kernel picks.
     fn flush(
         &mut self,
         socket: &UdpSocket,
-        stop: &Stop,
+        until: Until<'_>,
         sent: &mut Sent,
         on_error: &mut impl FnMut(SocketAddr, io::Error),
     ) {
-        for ((hdr, iov), name) in self.hdrs.iter_mut().zip(&mut self.iovs).zip(&self.names) {
+        let parts = self
+            .iovs
+            .iter_mut()
+            .zip(&self.names)
+            .zip(&mut self.controls);
+        for (hdr, ((iov, name), control)) in self.hdrs.iter_mut().zip(parts) {
             hdr.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
             hdr.msg_hdr.msg_namelen = name.len();
             hdr.msg_hdr.msg_iov = iov;
             hdr.msg_hdr.msg_iovlen = 1;
+            control.attach(&mut hdr.msg_hdr);
         }
         let mut next = 0;
-        while next < self.hdrs.len() && !stop.fired() {
+        let mut gave_up = None;
+        while next < self.hdrs.len() {
+            if until.stopped() {
+                break;
+            }
+            if until.past_deadline() {
+                gave_up = Some(io::Error::from(ErrorKind::TimedOut));
+                break;
+            }
             let rest = &mut self.hdrs[next..];
-            // SAFETY: each header points at an address in `names` and an iovec in `iovs`, set
-            // just above, and each iovec at a datagram that `send_each`'s caller keeps borrowed.
+            // SAFETY: each header points at an address in `names`, an iovec in `iovs` and a
+            // control message in `controls`, set just above, and each iovec at a datagram that
+            // `send_each`'s caller keeps borrowed.
             let n = unsafe {
                 libc::sendmmsg(
                     socket.as_fd().as_raw_fd(),
@@ -438,16 +525,18 @@ impl Outbox {
             let e = io::Error::last_os_error();
             match e.kind() {
                 ErrorKind::Interrupted => {}
-                ErrorKind::WouldBlock => {
-                    if !matches!(
-                        wait(socket, libc::POLLOUT, Some(stop), Some(SEND_WAIT)),
-                        Ok(Ready::Socket)
-                    ) {
-                        // The buffer stayed full: this batch is lost, like a datagram dropped on the wire.
-                        sent.failed += (self.hdrs.len() - next) as u64;
-                        on_error(self.names[next].as_socket().expect("an IP address"), e);
+                ErrorKind::WouldBlock => match until.wait_for_room(socket) {
+                    Ok(Ready::Socket) => {}
+                    Ok(Ready::Stopped) => break,
+                    // The buffer stayed full: this batch is lost, like a datagram dropped on the wire.
+                    Ok(Ready::TimedOut) | Err(_) => {
+                        gave_up = Some(e);
                         break;
                     }
+                },
+                _ if !self.controls[next].is_empty() => {
+                    self.controls[next] = Control::default();
+                    self.controls[next].attach(&mut self.hdrs[next].msg_hdr);
                 }
                 _ => {
                     sent.failed += 1;
@@ -456,39 +545,51 @@ impl Outbox {
                 }
             }
         }
-        self.names.clear();
-        self.iovs.clear();
-        self.hdrs.clear();
+        if let Some(e) = gave_up {
+            sent.failed += (self.hdrs.len() - next) as u64;
+            on_error(self.names[next].as_socket().expect("an IP address"), e);
+        }
+        self.clear();
     }
 }
 
-/// Sends each `(datagram, destination)` pair through `sendmmsg`, up to 1024 per system call.
+/// Sends each `(datagram, destination, source)` through `sendmmsg`, up to 1024 per system call,
+/// from the source address where one is given (else from the address the kernel picks).
 pub fn send_each<'a>(
     socket: &UdpSocket,
     outbox: &mut Outbox,
-    pairs: impl Iterator<Item = (&'a [u8], SocketAddr)>,
-    stop: &Stop,
+    pairs: impl IntoIterator<Item = (&'a [u8], SocketAddr, Option<IpAddr>)>,
+    until: Until<'_>,
     mut on_error: impl FnMut(SocketAddr, io::Error),
 ) -> Sent {
     let mut sent = Sent::default();
     // Empty already, unless a send panicked half-way: its pointers must never be used.
-    outbox.names.clear();
-    outbox.iovs.clear();
-    outbox.hdrs.clear();
-    for (data, to) in pairs {
+    outbox.clear();
+    let mut pairs = pairs.into_iter();
+    for (data, to, local) in pairs.by_ref() {
         outbox.names.push(SockAddr::from(to));
         outbox.iovs.push(libc::iovec {
             iov_base: data.as_ptr() as *mut libc::c_void,
             iov_len: data.len(),
         });
+        outbox
+            .controls
+            .push(local.map(Control::source).unwrap_or_default());
         // SAFETY: mmsghdr is plain old data; `flush` fills in the pointers.
         outbox.hdrs.push(unsafe { std::mem::zeroed() });
         if outbox.hdrs.len() == MAX_BATCH {
-            outbox.flush(socket, stop, &mut sent, &mut on_error);
+            outbox.flush(socket, until, &mut sent, &mut on_error);
+            if until.stopped() || until.past_deadline() {
+                break;
+            }
         }
     }
     // Every datagram is still borrowed here, so every pointer is valid while it is sent.
-    outbox.flush(socket, stop, &mut sent, &mut on_error);
+    outbox.flush(socket, until, &mut sent, &mut on_error);
+    if !until.stopped() {
+        // Past the deadline: what was never tried failed too.
+        sent.failed += pairs.count() as u64;
+    }
     sent
 }
 
@@ -501,13 +602,15 @@ mod tests {
     #[derive(Default)]
     struct Collect {
         datagrams: Vec<(Vec<u8>, bool)>,
+        local: Option<IpAddr>,
         batches: usize,
         icmp: usize,
         tx: Option<crossbeam_channel::Sender<(Vec<u8>, bool)>>,
     }
 
     impl Handler for Collect {
-        fn datagram(&mut self, data: &[u8], _from: SocketAddr, cut: bool) {
+        fn datagram(&mut self, data: &[u8], _: SocketAddr, local: Option<IpAddr>, cut: bool) {
+            self.local = local;
             self.datagrams.push((data.to_vec(), cut));
             if let Some(tx) = &self.tx {
                 tx.send((data.to_vec(), cut)).unwrap();
@@ -603,9 +706,13 @@ mod tests {
         let pairs = datagrams.iter().flat_map(|d| {
             peers
                 .iter()
-                .map(move |p| (d.as_slice(), p.local_addr().unwrap()))
+                .map(move |p| (d.as_slice(), p.local_addr().unwrap(), None))
         });
-        let sent = send_each(&socket, &mut Outbox::default(), pairs, &stop, |a, e| {
+        let until = Until {
+            stop: Some(&stop),
+            deadline: None,
+        };
+        let sent = send_each(&socket, &mut Outbox::default(), pairs, until, |a, e| {
             panic!("{a}: {e}")
         });
         // 1200 pairs: two system calls of up to 1024.
@@ -624,6 +731,109 @@ mod tests {
                 assert_eq!(&buf[..n], &d[..]);
             }
         }
+    }
+
+    #[test]
+    fn a_wildcard_socket_learns_and_replies_from_the_address_it_was_sent_to() {
+        for (any, target) in [
+            ("0.0.0.0:0", "127.0.0.2"),
+            ("[::]:0", "::1"),
+            ("[::]:0", "127.0.0.3"), // an IPv4 client of a dual-stack socket
+        ] {
+            let socket = bind(any.parse().unwrap(), None).unwrap();
+            report_local_addresses(&socket).unwrap();
+            let port = socket.local_addr().unwrap().port();
+            let target: IpAddr = target.parse().unwrap();
+            let peer = UdpSocket::bind(SocketAddr::new(
+                match target {
+                    IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                    IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+                },
+                0,
+            ))
+            .unwrap();
+            peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            peer.connect(SocketAddr::new(target, port)).unwrap();
+            peer.send(b"hi").unwrap();
+            let stop = Stop::new().unwrap();
+            let mut handler = Collect::default();
+            let mut inbox = Inbox::new(4, 16);
+            while handler.datagrams.is_empty() {
+                wait(&socket, libc::POLLIN, None, Some(Duration::from_secs(5))).unwrap();
+                inbox.recv(&socket).unwrap();
+                for d in inbox.datagrams() {
+                    handler.datagram(d.data, d.from.unwrap(), d.local, d.cut);
+                }
+            }
+            let local = handler.local.expect("a local address");
+            assert_eq!(local.to_canonical(), target, "{any}");
+            // The reply goes out from it: the connected peer accepts nothing else.
+            let to = peer.local_addr().unwrap();
+            let to = match (socket.local_addr().unwrap(), to) {
+                (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                (_, to) => to,
+            };
+            let until = Until {
+                stop: Some(&stop),
+                deadline: None,
+            };
+            let sent = send_each(
+                &socket,
+                &mut Outbox::default(),
+                [(&b"back"[..], to, Some(local))],
+                until,
+                |a, e| panic!("{a}: {e}"),
+            );
+            assert_eq!(sent.delivered, 1);
+            let mut buf = [0u8; 8];
+            assert_eq!(peer.recv(&mut buf).unwrap(), 4, "{any} {target}");
+        }
+    }
+
+    #[test]
+    fn a_source_the_host_does_not_have_falls_back_to_the_kernels_choice() {
+        let socket = bind("0.0.0.0:0".parse().unwrap(), None).unwrap();
+        let peer = UdpSocket::bind(local()).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // TEST-NET-1: never an address of this host.
+        let gone = Some("192.0.2.77".parse().unwrap());
+        let sent = send_each(
+            &socket,
+            &mut Outbox::default(),
+            [(&b"x"[..], peer.local_addr().unwrap(), gone)],
+            Until::default(),
+            |a, e| panic!("{a}: {e}"),
+        );
+        assert_eq!(sent.delivered, 1);
+        let mut buf = [0u8; 8];
+        let (_, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(from.ip(), IpAddr::from(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn past_the_deadline_nothing_more_is_sent_and_the_rest_counts_as_failed() {
+        let socket = bind(local(), None).unwrap();
+        let peer = UdpSocket::bind(local()).unwrap();
+        let to = peer.local_addr().unwrap();
+        let pairs = (0..3000).map(|_| (&b"end"[..], to, None));
+        let until = Until {
+            stop: None,
+            deadline: Some(Instant::now()),
+        };
+        let mut errors = 0;
+        let sent = send_each(&socket, &mut Outbox::default(), pairs, until, |_, _| {
+            errors += 1
+        });
+        assert_eq!(
+            sent,
+            Sent {
+                delivered: 0,
+                failed: 3000
+            }
+        );
+        assert_eq!(errors, 1); // reported once, not per datagram
     }
 
     #[test]

@@ -168,6 +168,37 @@ pub fn classify(data: &[u8]) -> Datagram<'_> {
 /// " ", the longest port (5), and two newlines.
 pub const ACK_MAX_OVERHEAD: usize = ACK_PREFIX.len() + 45 + 1 + 5 + 2;
 
+/// The longest broadcast datagram, `ack:` line included: the most UDP carries over IPv4
+/// (65,535 less the IPv4 and UDP headers). A message whose broadcast would be longer cannot be
+/// relayed to IPv4 clients, so it is relayed to none.
+pub const MAX_BROADCAST: usize = 65_507;
+
+/// The fewest bytes `write_ack` adds around a payload: "ack: ", the shortest address a server
+/// writes for a peer it answers (three characters, `::2`; `::` is never a peer), " ", a
+/// one-digit port, and two newlines.
+pub const ACK_MIN_OVERHEAD: usize = ACK_PREFIX.len() + 3 + 1 + 1 + 2;
+
+/// The longest message any server can relay, once stripped of leading and trailing whitespace:
+/// 65,495 bytes. A longer one makes a broadcast over `MAX_BROADCAST` whoever sent it.
+pub const MAX_MESSAGE: usize = MAX_BROADCAST - ACK_MIN_OVERHEAD;
+
+/// The length of the broadcast `write_ack` writes for a payload of `payload_len` bytes from
+/// `sender`, without writing it.
+pub fn ack_len(sender: SocketAddr, payload_len: usize) -> usize {
+    use std::fmt::Write;
+    struct Count(usize);
+    impl Write for Count {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0 += s.len();
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Counting cannot fail.
+    let _ = writeln!(count, "ack: {} {}", sender.ip(), sender.port());
+    count.0 + payload_len + 1
+}
+
 /// Appends the broadcast datagram `ack: {ip} {port}\n{payload}\n` to `out`.
 ///
 /// The ip is written as Python's socket module writes it (`127.0.0.1`, `::1`), without brackets
@@ -308,6 +339,15 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_shortest_ack_line_sets_the_longest_relayable_message() {
+        assert_eq!(ack_len(addr("[::2]:1"), 0), ACK_MIN_OVERHEAD);
+        assert_eq!(ack_len(addr("[::1]:9"), MAX_MESSAGE), MAX_BROADCAST);
+        assert_eq!(MAX_MESSAGE, 65_495);
+        // A typical IPv4 client leaves less room.
+        assert_eq!(ack_len(addr("127.0.0.1:40000"), 65_486), MAX_BROADCAST + 1);
+    }
+
     proptest! {
         #[test]
         fn classify_never_panics_and_payload_is_stripped(data in proptest::collection::vec(any::<u8>(), 0..512)) {
@@ -326,6 +366,10 @@ mod tests {
             let mut out = Vec::new();
             write_ack(&mut out, sender, &payload);
             prop_assert!(out.len() <= ACK_MAX_OVERHEAD + payload.len());
+            prop_assert_eq!(out.len(), ack_len(sender, payload.len()));
+            if is_valid_peer(sender) {
+                prop_assert!(out.len() >= ACK_MIN_OVERHEAD + payload.len());
+            }
             let ack = parse_ack(&out).unwrap();
             prop_assert_eq!(ack.sender, sender);
             prop_assert_eq!(ack.payload, &payload[..]);

@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct Member {
     pub addr: SocketAddr,
+    /// The address of this host it last sent to, which every reply to it is sent from (a
+    /// client's connected socket discards datagrams from any other); None where the socket does
+    /// not report it (bound to one address, which is then the only source there is).
+    pub local: Option<IpAddr>,
     /// Nanoseconds since the registry's epoch when it was last heard from.
     last_seen: AtomicU64,
 }
@@ -105,12 +109,23 @@ impl Registry {
         self.clock
     }
 
-    /// Marks `addr` alive at `now`, registering it if the limits allow. Nothing already
-    /// registered is disturbed by a refusal.
-    pub fn touch(&mut self, addr: SocketAddr, now: Instant) -> Touch {
+    /// Marks `addr` alive at `now`, having sent to `local`, registering it if the limits allow.
+    /// Nothing already registered is disturbed by a refusal.
+    pub fn touch(&mut self, addr: SocketAddr, local: Option<IpAddr>, now: Instant) -> Touch {
         let stamp = self.clock.stamp(now);
-        if let Some(member) = self.members.get(&addr) {
-            member.last_seen.store(stamp, Ordering::Relaxed);
+        if let Some(member) = self.members.get_mut(&addr) {
+            if member.local == local {
+                member.last_seen.store(stamp, Ordering::Relaxed);
+            } else {
+                // Rare (a client that changed the server address it sends to): the member is
+                // replaced, and the fan-out's list rebuilt, as for a join.
+                *member = Arc::new(Member {
+                    addr,
+                    local,
+                    last_seen: AtomicU64::new(stamp),
+                });
+                self.snapshot = None;
+            }
             return Touch::Refreshed;
         }
         if self.members.len() >= self.limits.max_clients {
@@ -123,6 +138,7 @@ impl Registry {
         *from_ip += 1;
         let member = Member {
             addr,
+            local,
             last_seen: AtomicU64::new(stamp),
         };
         self.members.insert(addr, Arc::new(member));
@@ -220,9 +236,9 @@ mod tests {
     fn touch_registers_once_and_refreshes() {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
-        assert_eq!(r.touch(addr(1), t0), Touch::Joined);
+        assert_eq!(r.touch(addr(1), None, t0), Touch::Joined);
         let t5 = t0 + Duration::from_secs(5);
-        assert_eq!(r.touch(addr(1), t5), Touch::Refreshed);
+        assert_eq!(r.touch(addr(1), None, t5), Touch::Refreshed);
         assert_eq!(r.len(), 1);
         let snap = r.snapshot(t5);
         assert_eq!(snap.len(), 1);
@@ -233,7 +249,7 @@ mod tests {
     #[test]
     fn remove_reports_whether_registered() {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
-        r.touch(addr(1), Instant::now());
+        r.touch(addr(1), None, Instant::now());
         assert!(r.remove(addr(1)));
         assert!(!r.remove(addr(1)));
         assert!(r.is_empty());
@@ -244,8 +260,8 @@ mod tests {
         let interval = Duration::from_secs(10);
         let mut r = Registry::new(interval, ROOMY);
         let t0 = Instant::now();
-        r.touch(addr(1), t0);
-        r.touch(addr(2), t0 + Duration::from_secs(3));
+        r.touch(addr(1), None, t0);
+        r.touch(addr(2), None, t0 + Duration::from_secs(3));
         let mut expired = Vec::new();
 
         // Exactly `interval` of silence is still alive: the tutorial drops at `> interval`.
@@ -267,11 +283,11 @@ mod tests {
     fn the_member_list_is_rebuilt_only_when_membership_changes() {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
-        r.touch(addr(1), t0);
+        r.touch(addr(1), None, t0);
         let first = r.members();
-        r.touch(addr(1), t0 + Duration::from_secs(1)); // a heartbeat
+        r.touch(addr(1), None, t0 + Duration::from_secs(1)); // a heartbeat
         assert!(Arc::ptr_eq(&first, &r.members()));
-        r.touch(addr(2), t0);
+        r.touch(addr(2), None, t0);
         let second = r.members();
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(second.len(), 2);
@@ -279,9 +295,29 @@ mod tests {
         assert_eq!(r.members().len(), 1);
         // A heartbeat is seen through a snapshot taken before it.
         let held = r.members();
-        r.touch(addr(2), t0 + Duration::from_secs(9));
+        r.touch(addr(2), None, t0 + Duration::from_secs(9));
         let clock = r.clock();
         assert!(clock.is_live(&held[0], clock.stamp(t0 + Duration::from_secs(19))));
+    }
+
+    #[test]
+    fn a_member_keeps_the_local_address_it_last_sent_to() {
+        let mut r = Registry::new(Duration::from_secs(10), ROOMY);
+        let t0 = Instant::now();
+        let (first, second) = ("127.0.0.2".parse().ok(), "127.0.0.3".parse().ok());
+        assert_eq!(r.touch(addr(1), first, t0), Touch::Joined);
+        let before = r.members();
+        assert_eq!(before[0].local, first);
+        // The same address: nothing to rebuild.
+        r.touch(addr(1), first, t0);
+        assert!(Arc::ptr_eq(&before, &r.members()));
+        // Another one: the fan-out's list is rebuilt with it, the client still registered once.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.touch(addr(1), second, t1), Touch::Refreshed);
+        let after = r.members();
+        assert_eq!((after.len(), after[0].local), (1, second));
+        assert!(r.snapshot(t1)[0].1.duration_since(t1) < Duration::from_micros(1));
+        assert_eq!(r.len(), 1);
     }
 
     #[test]
@@ -293,20 +329,20 @@ mod tests {
         let mut r = Registry::new(Duration::from_secs(10), limits);
         let t0 = Instant::now();
         let other_ip = SocketAddr::from(([127, 0, 0, 2], 1));
-        assert_eq!(r.touch(addr(1), t0), Touch::Joined);
-        assert_eq!(r.touch(addr(2), t0), Touch::Joined);
-        assert_eq!(r.touch(addr(3), t0), Touch::IpFull);
-        assert_eq!(r.touch(other_ip, t0), Touch::Joined);
+        assert_eq!(r.touch(addr(1), None, t0), Touch::Joined);
+        assert_eq!(r.touch(addr(2), None, t0), Touch::Joined);
+        assert_eq!(r.touch(addr(3), None, t0), Touch::IpFull);
+        assert_eq!(r.touch(other_ip, None, t0), Touch::Joined);
         assert_eq!(
-            r.touch(SocketAddr::from(([127, 0, 0, 3], 1)), t0),
+            r.touch(SocketAddr::from(([127, 0, 0, 3], 1)), None, t0),
             Touch::Full
         );
         // Those registered are still refreshed at the cap.
-        assert_eq!(r.touch(addr(1), t0), Touch::Refreshed);
+        assert_eq!(r.touch(addr(1), None, t0), Touch::Refreshed);
         assert_eq!(r.len(), 3);
         // A leave and an expiry each free a place for that IP.
         assert!(r.remove(addr(1)));
-        assert_eq!(r.touch(addr(3), t0), Touch::Joined);
+        assert_eq!(r.touch(addr(3), None, t0), Touch::Joined);
         let mut expired = Vec::new();
         r.expire(t0 + Duration::from_secs(11), &mut expired);
         assert_eq!(expired.len(), 3);

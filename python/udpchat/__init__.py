@@ -6,6 +6,7 @@ Python's ``logging`` under the ``udpchat`` logger (``udpchat.server``, ``udpchat
 
 from ._udpchat import (
     MAX_DATAGRAM,
+    MAX_MESSAGE,
     ChatClientUdp,
     ChatServerUdp,
     Message,
@@ -15,6 +16,7 @@ from ._udpchat import (
 
 __all__ = [
     "MAX_DATAGRAM",
+    "MAX_MESSAGE",
     "ChatClientUdp",
     "ChatServerUdp",
     "Message",

@@ -8,6 +8,7 @@ from typing_extensions import Self
 
 __all__ = [
     "MAX_DATAGRAM",
+    "MAX_MESSAGE",
     "ChatClientUdp",
     "ChatServerUdp",
     "Message",
@@ -19,6 +20,10 @@ __version__: str
 MAX_DATAGRAM: int
 """The largest UDP payload over IPv4 (65,507 bytes), ``ChatServerUdp``'s default
 ``max_datagram``."""
+MAX_MESSAGE: int
+"""The longest message any server can relay (65,495 bytes), not counting leading and trailing
+whitespace, which the server strips: its broadcast, ``ack:`` line included, must fit in 65,507
+bytes, and the shortest ``ack:`` line takes 12. ``ChatClientUdp.send`` refuses a longer one."""
 
 def reset_log_cache() -> None:
     """Make udpchat read the levels of its ``udpchat.*`` loggers now.
@@ -107,23 +112,25 @@ class ChatServerUdp:
         """
 
     def stop(self) -> None:
-        """Send ``end`` to every live client and end all threads; returns in milliseconds.
-        Idempotent: on a server that is not running it does nothing. Raises RuntimeError if a
-        server thread had panicked."""
+        """End all threads, then send ``end`` to every live client. Idempotent: on a server that
+        is not running it does nothing. Sending ``end`` takes a few microseconds a client and
+        never more than half a second. Raises RuntimeError if a server thread had panicked."""
 
     def broadcast(self, msg: str | bytes | bytearray | memoryview) -> None:
         """Send ``msg`` (str as UTF-8, or bytes-like) to every live client as a message from the
         server's own address.
 
         Raises TypeError for another type, ValueError for a str UTF-8 cannot encode (a lone
-        surrogate), RuntimeError if the server is not running.
+        surrogate) or if the broadcast, ``ack:`` line included, would be longer than 65,507
+        bytes, RuntimeError if the server is not running.
         """
 
     def stats(self) -> dict[str, int]:
         """Counters since start; they outlive ``stop()``.
 
         ``received`` datagrams, ``broadcasts`` (messages relayed), ``deliveries`` (datagrams
-        sent for them), ``send_errors``; datagrams dropped: ``dropped_oversize``,
+        sent for them), ``send_errors``; datagrams dropped: ``dropped_oversize`` (longer
+        than ``max_datagram``, or a message whose broadcast would exceed 65,507 bytes),
         ``dropped_over_cap`` (a new client past ``max_clients`` / ``max_per_ip``),
         ``dropped_rate_limited``, ``dropped_unvalidated`` (validated mode: a cookie or token
         not valid for its source), ``dropped_malformed`` (validated mode: neither a handshake
@@ -208,7 +215,10 @@ class ChatClientUdp:
         """Send ``msg`` (str as UTF-8, or bytes-like) to the server.
 
         Raises TypeError for another type, ValueError for a str UTF-8 cannot encode (a lone
-        surrogate), RuntimeError if the client is not running, OSError if the send fails.
+        surrogate) or that no server could relay (longer than ``MAX_MESSAGE`` bytes once
+        stripped of leading and trailing whitespace), RuntimeError if the client is not running,
+        OSError if the send fails (``EMSGSIZE`` for a datagram longer than the socket carries:
+        65,507 bytes over IPv4, a validated client's 33-byte token prefix included).
         """
 
     def recv(self, timeout: float | None = None) -> Message | None:

@@ -14,7 +14,8 @@ use crate::error::Error;
 use crate::lifecycle::{Core, Slot};
 
 /// The core's errors as Python exceptions: socket failures as `OSError` with the errno (so
-/// Python picks the subclass, e.g. `PermissionError`), the rest as `RuntimeError`.
+/// Python picks the subclass, e.g. `PermissionError`), a message too long to relay as
+/// `ValueError`, the rest as `RuntimeError`.
 fn to_py(err: Error) -> PyErr {
     match &err {
         Error::Io { source, .. } => match source.raw_os_error() {
@@ -24,6 +25,7 @@ fn to_py(err: Error) -> PyErr {
         Error::NotRunning(_) | Error::AlreadyRunning(_) | Error::Forked(_) | Error::Panicked(_) => {
             PyRuntimeError::new_err(err.to_string())
         }
+        Error::TooLong(_) => PyValueError::new_err(err.to_string()),
     }
 }
 
@@ -151,6 +153,7 @@ fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
         .call_method1("register", (shutdown,))?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("MAX_DATAGRAM", crate::server::MAX_DATAGRAM)?;
+    m.add("MAX_MESSAGE", crate::protocol::MAX_MESSAGE)?;
     m.add_class::<server::ChatServerUdp>()?;
     m.add_class::<client::ChatClientUdp>()?;
     m.add_class::<message::Message>()?;

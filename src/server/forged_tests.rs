@@ -56,7 +56,7 @@ impl Bench {
 
 /// One datagram "from" `from`, as one batch.
 fn feed(rx: &mut Receive<'_>, data: &[u8], from: SocketAddr) {
-    rx.datagram(data, from, false);
+    rx.datagram(data, from, None, false);
     rx.batch_done();
 }
 

@@ -14,7 +14,7 @@ mod stats;
 mod validated;
 
 use crossbeam_channel::{select, Sender};
-use log::{debug, info};
+use log::info;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::lifecycle::Core;
 use crate::net;
 use crate::protocol;
-use crate::registry::{Limits, Registry};
+use crate::registry::{Limits, Member, Registry};
+use crate::throttle::{throttled, Throttle};
 use crate::worker::{lock, Workers};
 use fanout::{Job, Sending, FANOUT_QUEUE};
 use receive::{Receive, RECV_BATCH};
@@ -36,6 +37,10 @@ const LOG_TARGET: &str = "udpchat::server";
 
 /// The largest UDP payload over IPv4, the default for `max_datagram`.
 pub const MAX_DATAGRAM: usize = 65_507;
+
+/// How long `stop()` may spend sending `end`, however many clients there are and however long
+/// the socket buffer stays full: what is not sent by then is not sent.
+pub const END_DEADLINE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -106,6 +111,12 @@ impl Shared {
     fn bind(config: ServerConfig) -> Result<Shared> {
         let socket = net::bind(config.addr, config.rcvbuf)
             .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
+        // Bound to a wildcard address, the server answers each client from the address it
+        // sent to. Bound to one address, that is the only source there is.
+        if config.addr.ip().is_unspecified() {
+            net::report_local_addresses(&socket)
+                .map_err(|e| Error::io("cannot ask for datagrams' local addresses", e))?;
+        }
         let keys = match config.validate {
             true => Some(Keys::new().map_err(|e| Error::io("cannot make a secret key", e))?),
             false => None,
@@ -137,6 +148,7 @@ impl Server {
             workers,
             fanout: fanout.clone(),
         };
+        fanout::start_helpers(&shared, &server.workers)?;
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
             server.workers.spawn("udpchat-srv-rx", move || {
@@ -175,8 +187,16 @@ impl Server {
     }
 
     /// Sends `payload` to every live client as a message from the server's own address.
+    /// `TooLong` if its broadcast would be longer than `protocol::MAX_BROADCAST`.
     pub fn broadcast(&self, payload: &[u8]) -> Result<()> {
         self.workers.check()?;
+        let len = protocol::ack_len(self.shared.local, payload.len());
+        if len > protocol::MAX_BROADCAST {
+            return Err(Error::TooLong(format!(
+                "a broadcast can be at most {} bytes with its `ack:` line; this one would be {len}",
+                protocol::MAX_BROADCAST
+            )));
+        }
         let mut datagram = Vec::new();
         protocol::write_ack(&mut datagram, self.shared.local, payload);
         let stop = self.workers.stop();
@@ -211,31 +231,59 @@ impl Core for Server {
         self.shared.local
     }
 
-    /// Ends both threads, then sends `end` to every live client.
+    /// Ends every thread, then sends `end` to every live client, from the address it sends to,
+    /// through `sendmmsg`, within `END_DEADLINE`.
     fn stop(&self) {
         if !self.workers.stop_and_join() {
             return;
         }
-        // Both threads are gone, so nothing can follow the `end`.
+        // Every thread is gone, so nothing can follow the `end`.
         let shared = &self.shared;
-        let mut ended = 0;
-        let mut end = Vec::new();
-        for (addr, _) in self.clients() {
-            end.clear();
-            match &shared.keys {
-                Some(keys) => {
-                    protocol::write_keyed(&mut end, protocol::END_KEYED, &keys.token(addr))
-                }
-                None => end.extend_from_slice(protocol::END),
-            }
-            match net::send(&shared.socket, &end, Some(addr), None) {
-                Ok(()) => ended += 1,
-                Err(e) => debug!("cannot send end to {addr}: {e}"),
-            }
-        }
+        let (members, clock) = {
+            let mut registry = lock(&shared.registry);
+            (registry.members(), registry.clock())
+        };
+        let now = clock.stamp(Instant::now());
+        let live: Vec<&Member> = members
+            .iter()
+            .filter(|m| clock.is_live(m, now))
+            .map(|m| &**m)
+            .collect();
+        // Validated mode: `end {token}`, one per client, so a forged `end` cannot close anyone.
+        let keyed: Vec<Vec<u8>> = match &shared.keys {
+            Some(keys) => live
+                .iter()
+                .map(|m| {
+                    let mut end = Vec::new();
+                    protocol::write_keyed(&mut end, protocol::END_KEYED, &keys.token(m.addr));
+                    end
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let ends = live.iter().enumerate().map(|(i, m)| {
+            let end = keyed.get(i).map_or(protocol::END, Vec::as_slice);
+            (end, m.addr, m.local)
+        });
+        let until = net::Until {
+            stop: None,
+            deadline: Some(Instant::now() + END_DEADLINE),
+        };
+        let mut errors = Throttle::default();
+        let sent = net::send_each(
+            &shared.socket,
+            &mut net::Outbox::default(),
+            ends,
+            until,
+            |addr, e| throttled!(errors, debug, target: LOG_TARGET, "cannot send end to {addr}: {e}"),
+        );
+        let unsent = match (live.len() as u64).saturating_sub(sent.delivered) {
+            0 => String::new(),
+            n => format!(" ({n} more could not be sent)"),
+        };
         info!(
-            "stopped serving on {}; sent end to {ended} clients",
-            shared.local
+            "stopped serving on {}; sent end to {} clients{unsent}",
+            shared.local, sent.delivered
         );
     }
 }
@@ -291,6 +339,98 @@ mod tests {
         assert_eq!(recv(&b), b"end");
         let counts = ["received", "broadcasts", "deliveries"].map(|n| stat(&server, n));
         assert_eq!(counts, [2, 1, 2]);
+    }
+
+    #[test]
+    fn a_message_too_long_to_relay_is_refused_once_and_counted() {
+        let server = server(MAX_DATAGRAM);
+        let addr = server.local_addr();
+        let (a, b) = (peer(), peer());
+        b.send_to(b"reg", addr).unwrap();
+        let from = a.local_addr().unwrap();
+        // The longest payload that fits with this sender's `ack:` line, and one byte more.
+        let head = format!("ack: {} {}\n", from.ip(), from.port()).len();
+        let fits = protocol::MAX_BROADCAST - head - 1;
+        a.send_to(&vec![b'x'; fits + 1], addr).unwrap();
+        a.send_to(&vec![b'y'; fits], addr).unwrap();
+        let got = recv(&b);
+        assert_eq!((got.len(), got[head]), (protocol::MAX_BROADCAST, b'y'));
+        assert_eq!(stat(&server, "dropped_oversize"), 1);
+        assert_eq!(stat(&server, "send_errors"), 0);
+        // The server's own broadcast is refused at the call.
+        let own = protocol::ack_len(addr, 0);
+        let long = vec![b'z'; protocol::MAX_BROADCAST - own + 1];
+        assert!(matches!(server.broadcast(&long), Err(Error::TooLong(_))));
+        server.broadcast(&long[1..]).unwrap();
+        assert_eq!(recv(&b).len(), protocol::MAX_BROADCAST);
+        server.stop();
+    }
+
+    #[test]
+    fn a_wildcard_server_answers_from_the_address_each_client_sent_to() {
+        let server =
+            Server::start(ServerConfig::default_for("0.0.0.0:0".parse().unwrap())).unwrap();
+        let port = server.local_addr().port();
+        // Connected sockets, as ChatClientUdp's: the kernel drops datagrams from anyone else.
+        let clients: Vec<UdpSocket> = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            .iter()
+            .map(|ip| {
+                let s = peer();
+                s.connect((*ip, port)).unwrap();
+                s.send(b"reg").unwrap();
+                s
+            })
+            .collect();
+        for _ in 0..500 {
+            if server.clients().len() == clients.len() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        clients[2].send(b"hi").unwrap();
+        for c in &clients {
+            assert!(recv(c).ends_with(b"\nhi\n"));
+        }
+        server.stop();
+        for c in &clients {
+            assert_eq!(recv(c), b"end");
+        }
+    }
+
+    #[test]
+    fn stop_sends_end_in_batches_to_many_clients() {
+        let mut config = ServerConfig::default_for("127.0.0.1:0".parse().unwrap());
+        config.limits.max_per_ip = 10_000;
+        let server = Server::start(config).unwrap();
+        let addr = server.local_addr();
+        let peers: Vec<UdpSocket> = (0..2500).map(|_| peer()).collect();
+        // In bursts the receive buffer can hold; again for any the kernel dropped.
+        for _ in 0..20 {
+            let registered: Vec<SocketAddr> = server.clients().iter().map(|c| c.0).collect();
+            if registered.len() == peers.len() {
+                break;
+            }
+            for burst in peers.chunks(100) {
+                for p in burst {
+                    if !registered.contains(&p.local_addr().unwrap()) {
+                        p.send_to(b"reg", addr).unwrap();
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(server.clients().len(), peers.len());
+        let t0 = Instant::now();
+        server.stop();
+        assert!(
+            t0.elapsed() < END_DEADLINE + Duration::from_secs(1),
+            "{:?}",
+            t0.elapsed()
+        );
+        for p in &peers {
+            assert_eq!(recv(p), b"end");
+        }
     }
 
     #[test]

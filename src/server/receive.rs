@@ -36,8 +36,9 @@ pub(super) struct Receive<'a> {
     /// When the rate limiters were last swept.
     swept: Instant,
     guard: LoopGuard,
-    /// Validated mode's replies, built here, and their budget.
+    /// Validated mode's replies, built here, the buffers they are sent through, and their budget.
     pub(super) reply: Vec<u8>,
+    pub(super) outbox: net::Outbox,
     pub(super) replies: ReplyLimit,
     pub(super) warnings: Throttle,
     icmp: Throttle,
@@ -57,18 +58,25 @@ impl<'a> Receive<'a> {
             swept: Instant::now(),
             guard: LoopGuard::new(shared.local),
             reply: Vec::new(),
+            outbox: net::Outbox::default(),
             replies: ReplyLimit::new(Instant::now()),
             warnings: Throttle::default(),
             icmp: Throttle::default(),
         }
     }
 
-    /// A datagram in the open protocol (or the body of a tokened one).
-    pub(super) fn open(&mut self, data: &[u8], from: SocketAddr, now: Instant) {
+    /// A datagram in the open protocol (or the body of a tokened one), from `from` to `local`.
+    pub(super) fn open(
+        &mut self,
+        data: &[u8],
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        now: Instant,
+    ) {
         match protocol::classify(data) {
             Datagram::Empty => {}
             Datagram::Register | Datagram::Heartbeat => {
-                self.touch(from, now);
+                self.touch(from, local, now);
             }
             Datagram::Quit => {
                 if lock(&self.shared.registry).remove(from) {
@@ -76,8 +84,22 @@ impl<'a> Receive<'a> {
                 }
             }
             Datagram::Message(payload) => {
+                // Refused here, once, rather than failing at every client's send.
+                if protocol::ack_len(from, payload.len()) > protocol::MAX_BROADCAST {
+                    self.shared.counters.dropped_oversize.fetch_add(1, Relaxed);
+                    throttled!(
+                        self.warnings,
+                        warn,
+                        target: LOG_TARGET,
+                        "dropped a message from {from}: {} bytes, too long to relay (a broadcast \
+                         can be at most {} bytes with its `ack:` line)",
+                        payload.len(),
+                        protocol::MAX_BROADCAST
+                    );
+                    return;
+                }
                 // A source the table turns away is not relayed either.
-                if self.touch(from, now) {
+                if self.touch(from, local, now) {
                     let mut datagram = Vec::new();
                     protocol::write_ack(&mut datagram, from, payload);
                     self.job.push(datagram);
@@ -86,9 +108,10 @@ impl<'a> Receive<'a> {
         }
     }
 
-    /// Marks `from` alive, registering it if the limits allow; false if they did not.
-    pub(super) fn touch(&mut self, from: SocketAddr, now: Instant) -> bool {
-        let touch = lock(&self.shared.registry).touch(from, now);
+    /// Marks `from` alive (replies to it go out from `local`), registering it if the limits
+    /// allow; false if they did not.
+    pub(super) fn touch(&mut self, from: SocketAddr, local: Option<IpAddr>, now: Instant) -> bool {
+        let touch = lock(&self.shared.registry).touch(from, local, now);
         match touch {
             Touch::Refreshed => true,
             Touch::Joined => {
@@ -114,7 +137,7 @@ impl<'a> Receive<'a> {
 }
 
 impl net::Handler for Receive<'_> {
-    fn datagram(&mut self, data: &[u8], from: SocketAddr, cut: bool) {
+    fn datagram(&mut self, data: &[u8], from: SocketAddr, local: Option<IpAddr>, cut: bool) {
         let shared = self.shared;
         let counters = &shared.counters;
         counters.received.fetch_add(1, Relaxed);
@@ -163,8 +186,8 @@ impl net::Handler for Receive<'_> {
             return;
         }
         match &shared.keys {
-            None => self.open(protocol::open_body(data), from, now),
-            Some(keys) => self.validated(keys, data, from, now),
+            None => self.open(protocol::open_body(data), from, local, now),
+            Some(keys) => self.validated(keys, data, from, local, now),
         }
     }
 
@@ -186,8 +209,7 @@ impl net::Handler for Receive<'_> {
                 // Checked again under the lock: the fan-out thread empties the queue only while
                 // holding it, so nothing queued can be overtaken.
                 if self.fanout.is_empty() {
-                    shared.fan_out(&mut sending, self.job.iter(), self.stop);
-                    self.job.clear();
+                    shared.fan_out(&mut sending, &mut self.job, self.stop);
                     return;
                 }
             }

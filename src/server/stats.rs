@@ -31,7 +31,8 @@ counters! {
     deliveries,
     /// Deliveries that failed.
     send_errors,
-    /// Longer than `max_datagram`.
+    /// Longer than `max_datagram`, or a message whose broadcast would be longer than
+    /// `protocol::MAX_BROADCAST`.
     dropped_oversize,
     /// From a new client while `max_clients` or `max_per_ip` were reached.
     dropped_over_cap,
