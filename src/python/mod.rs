@@ -6,7 +6,7 @@ mod logging;
 mod message;
 mod server;
 
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::net::SocketAddr;
 
