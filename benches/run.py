@@ -217,21 +217,9 @@ def server(
 
 
 @contextmanager
-def churner(address: str) -> Iterator[None]:
-    """1,000 joins and leaves a second against `address`, from another process."""
-    proc = subprocess.Popen([sys.executable, __file__, "churn", address])
-    try:
-        time.sleep(0.2)
-        yield
-    finally:
-        proc.kill()
-        proc.wait(10)
-
-
-@contextmanager
-def cpu_burner() -> Iterator[None]:
-    """The same CPU load as `busy_loop`, in a separate process: only the GIL differs."""
-    proc = subprocess.Popen([sys.executable, __file__, "burn"])
+def background(*args: str) -> Iterator[None]:
+    """This script run as `args` in another process, for as long as the block lasts."""
+    proc = subprocess.Popen([sys.executable, __file__, *args])
     try:
         time.sleep(0.2)
         yield
@@ -367,11 +355,11 @@ def busy_host(seconds: float, runs: int) -> None:
     def measure(case: str) -> dict[str, float]:
         kind, where = case.split()[:2]
         churning = case.endswith("churn")
-        burner = cpu_burner() if where == "other" else contextlib.nullcontext()
+        burner = background("burn") if where == "other" else contextlib.nullcontext()
         with (
             burner,
             server(kind, busy=where == "same", log_info=churning) as address,
-            churner(address) if churning else contextlib.nullcontext(),
+            background("churn", address) if churning else contextlib.nullcontext(),
         ):
             return loadgen("throughput", address, 100, 4, 64, seconds)
 

@@ -6,6 +6,8 @@ import contextlib
 import json
 import logging
 import os
+import resource
+import select
 import socket
 import subprocess
 import sys
@@ -225,12 +227,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     return report
 
 
-def run_in_namespace(script: str, timeout: float) -> dict[str, Any]:
-    """Runs tests/`script` in a network namespace of its own (`unshare -rn`, where raw sockets
-    may forge sources) and returns the JSON object it prints. Use it from a fixture that takes
-    `user_namespaces`, so it skips where namespaces are refused (and fails in CI)."""
+def run_in_namespace(script: str, timeout: float, *args: str) -> dict[str, Any]:
+    """Runs tests/`script` (with `args`) in a network namespace of its own (`unshare -rn`,
+    where raw sockets may forge sources and addresses may be added) and returns the JSON object
+    it prints. Use it from a test or fixture that takes `user_namespaces`, so it skips where
+    namespaces are refused (and fails in CI)."""
     out = subprocess.run(
-        ["unshare", "-rn", sys.executable, str(Path(__file__).with_name(script))],
+        ["unshare", "-rn", sys.executable, str(Path(__file__).with_name(script)), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -238,6 +241,65 @@ def run_in_namespace(script: str, timeout: float) -> dict[str, Any]:
     assert out.returncode == 0, out.stderr
     result: dict[str, Any] = json.loads(out.stdout)
     return result
+
+
+@pytest.fixture
+def many_sockets() -> Iterator[Callable[[int], list[socket.socket]]]:
+    """Plain sockets on 127.0.0.1, the file descriptor limit raised for them if need be."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    made: list[socket.socket] = []
+
+    def make(count: int) -> list[socket.socket]:
+        needed = count + len(made) + 256
+        if needed > soft:
+            if hard != resource.RLIM_INFINITY and hard < needed:
+                pytest.skip(f"{needed} file descriptors needed, the hard limit is {hard}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+        socks = []
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        made.extend(socks)
+        return socks
+
+    yield make
+    for sock in made:
+        sock.close()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def register_all(server: ChatServerUdp, socks: list[socket.socket]) -> None:
+    """`reg` from every socket, in bursts the server's receive buffer holds, again for any the
+    kernel dropped; bounded in rounds."""
+    assert server.address is not None
+    for _ in range(20):
+        registered = server.clients
+        missing = [s for s in socks if s.getsockname() not in registered]
+        if not missing:
+            return
+        for i, sock in enumerate(missing):
+            sock.sendto(b"reg", server.address)
+            if i % 100 == 99:
+                time.sleep(0.002)
+        wait_until(lambda: len(server.clients) == len(socks), timeout=1.0)
+    assert len(server.clients) == len(socks)
+
+
+def read_terminal(fd: int, until: float, stop: bytes | None = None, after: int = 0) -> bytes:
+    """What a program writes to the terminal `fd` until `until` (monotonic), or until `stop`
+    appears past offset `after` of what was read."""
+    out = b""
+    while (left := until - time.monotonic()) > 0:
+        if stop is not None and stop in out[after:]:
+            break
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:  # the program closed the terminal
+                break
+    return out
 
 
 class Collect(logging.Handler):

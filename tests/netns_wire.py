@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Any
 
+from netns_attacks import wait_until
 from udpchat import ChatServerUdp
 
 # Two addresses of this host, besides loopback's.
@@ -26,15 +27,6 @@ FIRST, SECOND = "fd00::1", "fd00::2"
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def wait_until(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 def two_addresses() -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fcntl
 import os
 import pty
-import select
 import struct
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import time
 from collections.abc import Callable
 
 import pyte
-from conftest import register, wait_until
+from conftest import read_terminal, register, wait_until
 from udpchat import ChatServerUdp
 
 COLUMNS, ROWS = 80, 40
@@ -37,19 +36,6 @@ HOSTILE = [
     ("\u4dc0\U0001f1e6\U0001d165" * 12).encode() + FORGED.encode(),
     b"done",
 ]
-
-
-def _read_until(fd: int, marker: bytes, timeout: float) -> bytes:
-    out = b""
-    deadline = time.monotonic() + timeout
-    while marker not in out and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                out += os.read(fd, 65536)
-            except OSError:  # the child closed the terminal
-                break
-    return out
 
 
 def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
@@ -75,7 +61,7 @@ def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
         me = register(peer, server)  # type: ignore[arg-type]
         for payload in HOSTILE:
             peer.sendto(payload, server.address)  # type: ignore[attr-defined]
-        screen = _read_until(primary, b"done", timeout=10)
+        screen = read_terminal(primary, time.monotonic() + 10, stop=b"done")
         os.write(primary, b"quit\n")
         assert chat.wait(timeout=10) == 0
     finally:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import pyte
 import pytest
+from conftest import read_terminal
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 QUIT = b"quit"
@@ -95,22 +96,6 @@ def test_a_line_too_long_for_a_datagram_is_reported_and_the_chat_goes_on(
     assert "Traceback" not in err
 
 
-def _read(fd: int, until: float, stop: bytes | None = None, after: int = 0) -> bytes:
-    """What the terminal's program writes until `until` (monotonic), or until `stop` appears
-    past offset `after` of what was read."""
-    out = b""
-    while (left := until - time.monotonic()) > 0:
-        if stop is not None and stop in out[after:]:
-            break
-        ready, _, _ = select.select([fd], [], [], left)
-        if ready:
-            try:
-                out += os.read(fd, 65536)
-            except OSError:  # the program closed the terminal
-                break
-    return out
-
-
 def test_log_records_go_above_the_line_being_typed() -> None:
     # 0.1 wrote them where the cursor was: in the middle of the line being typed.
     with socket.socket(type=socket.SOCK_DGRAM) as gone:
@@ -129,12 +114,12 @@ def test_log_records_go_above_the_line_being_typed() -> None:
     )
     os.close(secondary)
     try:
-        out = _read(primary, time.monotonic() + 10, stop=b"> ")
+        out = read_terminal(primary, time.monotonic() + 10, stop=b"> ")
         assert b"> " in out, out
         os.write(primary, b"partial")
         typed = len(out)
         # Records are throttled to one a second: wait for one after the typing.
-        out += _read(primary, time.monotonic() + 5, stop=b"WARNING")
+        out += read_terminal(primary, time.monotonic() + 5, stop=b"WARNING")
         assert b"WARNING" in out[typed:], out
         os.write(primary, b"\x15quit\n")  # Ctrl-U empties the line; then leave
         assert chat.wait(timeout=10) == 0

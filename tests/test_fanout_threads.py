@@ -4,13 +4,12 @@ its stop; none is started per fan-out, and every client still gets every broadca
 from __future__ import annotations
 
 import os
-import resource
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import pytest
-from conftest import ack, wait_until
+from conftest import ack, register_all, wait_until
 from udpchat import ChatServerUdp
 
 THREADS = 4
@@ -32,37 +31,8 @@ def thread_name(tid: int) -> str | None:
 
 
 @pytest.fixture
-def clients() -> Iterator[list[socket.socket]]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    needed = CLIENTS + 256
-    if needed > soft:
-        if hard != resource.RLIM_INFINITY and hard < needed:
-            pytest.skip(f"{needed} file descriptors needed, the hard limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-    socks = []
-    for _ in range(CLIENTS):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
-        socks.append(sock)
-    yield socks
-    for sock in socks:
-        sock.close()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def register_all(server: ChatServerUdp, socks: list[socket.socket]) -> None:
-    assert server.address is not None
-    for _ in range(20):
-        registered = server.clients
-        missing = [s for s in socks if s.getsockname() not in registered]
-        if not missing:
-            return
-        for i, sock in enumerate(missing):
-            sock.sendto(b"reg", server.address)
-            if i % 100 == 99:
-                time.sleep(0.002)
-        wait_until(lambda: len(server.clients) == len(socks), timeout=1.0)
-    assert len(server.clients) == len(socks)
+def clients(many_sockets: Callable[[int], list[socket.socket]]) -> list[socket.socket]:
+    return many_sockets(CLIENTS)
 
 
 def test_fan_out_threads_start_with_the_server_and_end_with_its_stop() -> None:

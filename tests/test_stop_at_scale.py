@@ -4,18 +4,12 @@ in the socket buffer. What a client costs at stop is measured here and printed."
 
 from __future__ import annotations
 
-import json
-import resource
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-from conftest import wait_until
+from conftest import register_all, run_in_namespace, wait_until
 from udpchat import ChatServerUdp
 
 CLIENTS = 10_000
@@ -24,49 +18,6 @@ VALIDATED_CLIENTS = 2_000
 STOP_BOUND = 2.0
 # The deadline for sending `end`, plus generous slack.
 FULL_BUFFER_BOUND = 0.5 + 1.5
-
-
-@pytest.fixture
-def many_sockets() -> Iterator[Callable[[int], list[socket.socket]]]:
-    """Plain sockets on 127.0.0.1, the file descriptor limit raised for them if need be."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    made: list[socket.socket] = []
-
-    def make(count: int) -> list[socket.socket]:
-        needed = count + len(made) + 256
-        if needed > soft:
-            if hard != resource.RLIM_INFINITY and hard < needed:
-                pytest.skip(f"{needed} file descriptors needed, the hard limit is {hard}")
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-        socks = []
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        made.extend(socks)
-        return socks
-
-    yield make
-    for sock in made:
-        sock.close()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
-def register_all(server: ChatServerUdp, socks: list[socket.socket]) -> None:
-    """`reg` from every socket, in bursts the server's receive buffer holds, again for any the
-    kernel dropped; bounded in rounds."""
-    assert server.address is not None
-    for _ in range(20):
-        registered = server.clients
-        missing = [s for s in socks if s.getsockname() not in registered]
-        if not missing:
-            return
-        for i, sock in enumerate(missing):
-            sock.sendto(b"reg", server.address)
-            if i % 100 == 99:
-                time.sleep(0.002)
-        wait_until(lambda: len(server.clients) == len(socks), timeout=1.0)
-    assert len(server.clients) == len(socks)
 
 
 def validate_all(server: ChatServerUdp, socks: list[socket.socket]) -> None:
@@ -138,28 +89,13 @@ def test_stop_sends_end_to_every_client_in_batches(
     assert stop_s < STOP_BOUND
 
 
-def _can_unshare() -> bool:
-    try:
-        return subprocess.run(["unshare", "-rn", "true"], timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 @pytest.mark.timeout(120)
-def test_stop_is_bounded_when_the_socket_buffer_stays_full(figure: Callable[[str], None]) -> None:
+def test_stop_is_bounded_when_the_socket_buffer_stays_full(
+    user_namespaces: None, figure: Callable[[str], None]
+) -> None:
     """In a namespace whose loopback drains at 8 kbit/s: the `end`s fill the server's socket
     buffer and it stays full. 0.1 waited up to 200 ms for each client past that point."""
-    if not _can_unshare():
-        pytest.skip("unshare -rn is not allowed here: no namespace to slow a link in")
-    script = Path(__file__).with_name("netns_wire.py")
-    out = subprocess.run(
-        ["unshare", "-rn", sys.executable, str(script), "full-buffer"],
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
+    result = run_in_namespace("netns_wire.py", 100, "full-buffer")
     figure(
         f"stop() with {result['clients']} clients and a full socket buffer "
         f"({result['sndbuf']:,} bytes): {result['stop_s'] * 1e3:.0f} ms"

@@ -5,16 +5,11 @@ answers each client from the address that client sent to: a client's connected s
 
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import TIMEOUT, Addr, wait_until
+from conftest import TIMEOUT, Addr, run_in_namespace, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
 
 
@@ -120,29 +115,12 @@ def test_a_validated_client_of_a_wildcard_server_is_challenged_and_welcomed_from
     assert ends(client)
 
 
-def _can_unshare() -> bool:
-    try:
-        return subprocess.run(["unshare", "-rn", "true"], timeout=10).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 def test_a_server_on_ipv6_wildcard_answers_from_the_second_address(
-    figure: Callable[[str], None],
+    user_namespaces: None, figure: Callable[[str], None]
 ) -> None:
     """A host with fd00::1 and fd00::2: a client on fd00::1 talks to fd00::2. Asked for a
     source, the kernel picks fd00::1 (the destination itself), which the client discards."""
-    if not _can_unshare():
-        pytest.skip("unshare -rn is not allowed here: no namespace to add addresses in")
-    script = Path(__file__).with_name("netns_wire.py")
-    out = subprocess.run(
-        ["unshare", "-rn", sys.executable, str(script), "two-addresses"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    result: dict[str, Any] = json.loads(out.stdout)
+    result = run_in_namespace("netns_wire.py", 60, "two-addresses")
     figure(f"IPv6 wildcard bind, client on fd00::1 to fd00::2: {result}")
     assert result["registered"]
     assert result["ack"] is not None, "the broadcast never reached the client"
