@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import pty
 import resource
 import select
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import udpchat
 from udpchat import ChatClientUdp, ChatServerUdp
 
 Addr = tuple[str, int]
@@ -286,6 +291,20 @@ def register_all(server: ChatServerUdp, socks: list[socket.socket]) -> None:
     assert len(server.clients) == len(socks)
 
 
+def spawn_in_terminal(
+    args: list[str], columns: int, rows: int, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Runs `args` with a new pseudo-terminal of `columns` x `rows` as its stdin, stdout and
+    stderr (TERM=xterm); returns the process and the terminal's other end, to read and type on."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    proc = subprocess.Popen(
+        args, stdin=secondary, stdout=secondary, stderr=secondary, env={**env, "TERM": "xterm"}
+    )
+    os.close(secondary)
+    return proc, primary
+
+
 def read_terminal(fd: int, until: float, stop: bytes | None = None, after: int = 0) -> bytes:
     """What a program writes to the terminal `fd` until `until` (monotonic), or until `stop`
     appears past offset `after` of what was read."""
@@ -311,6 +330,23 @@ class Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
+
+
+@pytest.fixture
+def udpchat_logger() -> Iterator[tuple[logging.Logger, Collect]]:
+    """The `udpchat` logger with a handler of its own that filters nothing, so what reaches the
+    handler is what the Rust side chose to emit: a level set on the logger is applied by the
+    Rust side only (pyo3-log asks `isEnabledFor` and caches the answer; `Logger.handle`, which
+    it calls, checks no level). caplog cannot show this: its handler filters by level too."""
+    logger = logging.getLogger("udpchat")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    try:
+        yield logger, handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        udpchat.reset_log_cache()
 
 
 # Figures the fault and attack tests measure (amplification, false expiries, stop latency...):

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
-import pty
-import struct
-import subprocess
 import sys
-import termios
 import time
 from collections.abc import Callable
 
 import pyte
-from conftest import read_terminal, register, wait_until
+from conftest import read_terminal, register, spawn_in_terminal, wait_until
 from udpchat import ChatServerUdp
 
 COLUMNS, ROWS = 80, 40
@@ -43,18 +38,14 @@ def test_chat_shows_control_characters_escaped_and_continuation_lines_marked(
 ) -> None:
     assert server.address is not None
     ip, port = server.address
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     # A stale $COLUMNS (wider than the terminal) must not be believed.
     env = {**os.environ, "COLUMNS": str(2 * COLUMNS), "LINES": str(ROWS)}
-    chat = subprocess.Popen(
+    chat, primary = spawn_in_terminal(
         [sys.executable, "-m", "udpchat", "chat", "--ip", ip, "--port", str(port)],
-        stdin=secondary,
-        stdout=secondary,
-        stderr=secondary,
-        env={**env, "TERM": "xterm"},
+        COLUMNS,
+        ROWS,
+        env,
     )
-    os.close(secondary)
     try:
         assert wait_until(lambda: len(server.clients) == 1, timeout=10)
         peer = make_peer()

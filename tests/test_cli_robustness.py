@@ -6,22 +6,18 @@ can, and the exit code the README gives."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import pty
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
-import termios
 import time
 from collections.abc import Iterator
 
 import pyte
 import pytest
-from conftest import read_terminal
+from conftest import read_terminal, spawn_in_terminal
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 QUIT = b"quit"
@@ -102,17 +98,10 @@ def test_log_records_go_above_the_line_being_typed() -> None:
         gone.bind(("127.0.0.1", 0))
         port = gone.getsockname()[1]  # closed: every heartbeat brings an ICMP error, logged
     columns, rows = 100, 30
-    primary, secondary = pty.openpty()
-    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     env = {k: v for k, v in ENV.items() if k not in ("COLUMNS", "LINES")}
-    chat = subprocess.Popen(
-        udpchat("chat", "--port", str(port), "--interval", "0.2"),
-        stdin=secondary,
-        stdout=secondary,
-        stderr=secondary,
-        env={**env, "TERM": "xterm"},
+    chat, primary = spawn_in_terminal(
+        udpchat("chat", "--port", str(port), "--interval", "0.2"), columns, rows, env
     )
-    os.close(secondary)
     try:
         out = read_terminal(primary, time.monotonic() + 10, stop=b"> ")
         assert b"> " in out, out

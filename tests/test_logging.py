@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import udpchat
@@ -52,23 +52,6 @@ def test_expiry_and_client_lifecycle_are_logged(caplog: pytest.LogCaptureFixture
     messages = [(r.name, r.getMessage()) for r in caplog.records]
     assert ("udpchat.server", f"{me} expired after 100ms of silence") in messages
     assert any(name == "udpchat.client" and msg == f"{me} stopped" for name, msg in messages)
-
-
-@pytest.fixture
-def udpchat_logger() -> Iterator[tuple[logging.Logger, Collect]]:
-    """The `udpchat` logger with a handler of its own that filters nothing, so what reaches the
-    handler is what the Rust side chose to emit: a level set on the logger is applied by the
-    Rust side only (pyo3-log asks `isEnabledFor` and caches the answer; `Logger.handle`, which
-    it calls, checks no level). caplog cannot show this: its handler filters by level too."""
-    logger = logging.getLogger("udpchat")
-    handler, level = Collect(), logger.level
-    logger.addHandler(handler)
-    try:
-        yield logger, handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        udpchat.reset_log_cache()
 
 
 def _join_drop_and_leave(make_peer: Callable[..., socket.socket]) -> None:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -20,19 +20,13 @@ from udpchat import ChatClientUdp, ChatServerUdp
 
 
 @pytest.fixture
-def logger() -> Iterator[tuple[logging.Logger, Collect]]:
+def logger(
+    udpchat_logger: tuple[logging.Logger, Collect],
+) -> tuple[logging.Logger, Collect]:
     """The `udpchat` logger at INFO with a handler of its own; restored after."""
-    log = logging.getLogger("udpchat")
-    handler, level = Collect(), log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    udpchat_logger[0].setLevel(logging.INFO)
     udpchat.reset_log_cache()
-    try:
-        yield log, handler
-    finally:
-        log.removeHandler(handler)
-        log.setLevel(level)
-        udpchat.reset_log_cache()
+    return udpchat_logger
 
 
 class Interrupting(logging.Filter):
