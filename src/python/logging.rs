@@ -4,11 +4,12 @@
 //! times a second, so levels the application sets take effect without its help and a disabled
 //! level costs the core one atomic load.
 
+use arc_swap::ArcSwapOption;
 use crossbeam_channel::{select, tick, Receiver};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,7 +27,9 @@ static THREAD_PID: AtomicU32 = AtomicU32::new(0);
 static THREAD: Mutex<Option<JoinHandle<()>>> = Mutex::new(None);
 /// Set at interpreter exit: the thread ends once it has handled what was logged before.
 static SHUTDOWN: AtomicBool = AtomicBool::new(false);
-static RESET: OnceLock<pyo3_log::ResetHandle> = OnceLock::new();
+/// The cache of the pyo3-log logger the thread hands records to; swapped without a lock, as
+/// a forked child starts a logger of its own.
+static RESET: LazyLock<ArcSwapOption<pyo3_log::ResetHandle>> = LazyLock::new(ArcSwapOption::empty);
 
 /// Reads the levels now, and starts this process's logging thread if it has none.
 pub fn prepare(py: Python<'_>) -> PyResult<()> {
@@ -35,7 +38,7 @@ pub fn prepare(py: Python<'_>) -> PyResult<()> {
         return refresh_levels(py);
     }
     let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)?;
-    let _ = RESET.set(logger.reset_handle());
+    RESET.store(Some(Arc::new(logger.reset_handle())));
     refresh_levels(py)?;
     let records = logs::open();
     let thread = std::thread::Builder::new()
@@ -145,7 +148,7 @@ pub fn refresh_levels(py: Python<'_>) -> PyResult<()> {
         40..=49 => log::LevelFilter::Error,
         _ => log::LevelFilter::Off,
     });
-    if let Some(reset) = RESET.get() {
+    if let Some(reset) = &*RESET.load() {
         reset.reset();
     }
     Ok(())
