@@ -40,7 +40,18 @@ pub(super) struct Receive<'a> {
     pub(super) reply: Vec<u8>,
     pub(super) outbox: net::Outbox,
     pub(super) replies: ReplyLimit,
-    pub(super) warnings: Throttle,
+    pub(super) warnings: Warnings,
+}
+
+/// One throttle for each kind of warning the receiver logs, so a flood of one kind cannot hide
+/// the others: each kind at most once a second, with a count of the rest.
+#[derive(Default)]
+pub(super) struct Warnings {
+    bad_source: Throttle,
+    looped: Throttle,
+    oversize: Throttle,
+    refused: Throttle,
+    pub(super) unanswered: Throttle,
     icmp: Throttle,
 }
 
@@ -60,8 +71,7 @@ impl<'a> Receive<'a> {
             reply: Vec::new(),
             outbox: net::Outbox::default(),
             replies: ReplyLimit::new(Instant::now()),
-            warnings: Throttle::default(),
-            icmp: Throttle::default(),
+            warnings: Warnings::default(),
         }
     }
 
@@ -88,7 +98,7 @@ impl<'a> Receive<'a> {
                 if protocol::ack_len(from, payload.len()) > protocol::MAX_BROADCAST {
                     self.shared.counters.dropped_oversize.fetch_add(1, Relaxed);
                     throttled!(
-                        self.warnings,
+                        self.warnings.oversize,
                         warn,
                         target: LOG_TARGET,
                         "dropped a message from {from}: {} bytes, too long to relay (a broadcast \
@@ -129,7 +139,7 @@ impl<'a> Receive<'a> {
                         from.ip()
                     ),
                 };
-                throttled!(self.warnings, warn, target: LOG_TARGET, "refused {from}: {why}");
+                throttled!(self.warnings.refused, warn, target: LOG_TARGET, "refused {from}: {why}");
                 false
             }
         }
@@ -144,7 +154,7 @@ impl net::Handler for Receive<'_> {
         if !protocol::is_valid_peer(from) {
             counters.dropped_bad_source.fetch_add(1, Relaxed);
             throttled!(
-                self.warnings,
+                self.warnings.bad_source,
                 warn,
                 target: LOG_TARGET,
                 "dropped a datagram from {from}: not an address to answer"
@@ -159,7 +169,7 @@ impl net::Handler for Receive<'_> {
                 Loop::ServerOutput => "it is a server's output, never a client's",
             };
             throttled!(
-                self.warnings,
+                self.warnings.looped,
                 warn,
                 target: LOG_TARGET,
                 "dropped a datagram from {from}: {why}"
@@ -178,7 +188,7 @@ impl net::Handler for Receive<'_> {
             counters.dropped_oversize.fetch_add(1, Relaxed);
             let max = shared.config.max_datagram;
             throttled!(
-                self.warnings,
+                self.warnings.oversize,
                 warn,
                 target: LOG_TARGET,
                 "dropped a datagram from {from}: more than {max} bytes"
@@ -224,6 +234,6 @@ impl net::Handler for Receive<'_> {
     }
 
     fn icmp(&mut self, e: &std::io::Error) {
-        throttled!(self.icmp, debug, target: LOG_TARGET, "ICMP error on the server socket: {e}");
+        throttled!(self.warnings.icmp, debug, target: LOG_TARGET, "ICMP error on the server socket: {e}");
     }
 }

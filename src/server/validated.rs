@@ -91,7 +91,7 @@ impl Receive<'_> {
             deadline: None,
         };
         let (socket, reply) = (&self.shared.socket, [(&self.reply[..], to, local)]);
-        let warnings = &mut self.warnings;
+        let warnings = &mut self.warnings.unanswered;
         let sent = net::send_each(socket, &mut self.outbox, reply, until, |to, e| {
             throttled!(warnings, warn, target: LOG_TARGET, "cannot answer {to}: {e}");
         });
