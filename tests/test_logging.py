@@ -107,3 +107,26 @@ def test_reset_log_cache_makes_a_new_level_count(
     udpchat.reset_log_cache()
     _join_drop_and_leave(make_peer)
     assert _levels(handler) == {logging.INFO, logging.WARNING}
+
+
+def test_each_kind_of_warning_has_its_own_once_a_second(
+    udpchat_logger: tuple[logging.Logger, Collect], make_peer: Callable[..., socket.socket]
+) -> None:
+    # Three kinds, one right after the other: a flood of one kind must not hide the others.
+    logger, handler = udpchat_logger
+    logger.setLevel(logging.WARNING)
+    udpchat.reset_log_cache()
+    with ChatServerUdp(port=0, max_datagram=10, max_clients=1) as server:
+        assert server.address is not None
+        a, b = make_peer(), make_peer()
+        a.sendto(b"reg", server.address)
+        assert wait_until(lambda: len(server.clients) == 1)
+        for _ in range(3):
+            a.sendto(b"x" * 11, server.address)  # oversize
+            a.sendto(b"end", server.address)  # a server's output: a loop
+            b.sendto(b"reg", server.address)  # refused: max_clients
+        assert wait_until(lambda: server.stats()["dropped_over_cap"] == 3)
+    warnings = [r.getMessage() for r in handler.records if r.levelno == logging.WARNING]
+    assert sum("more than 10 bytes" in w for w in warnings) == 1, warnings
+    assert sum("server's output" in w for w in warnings) == 1, warnings
+    assert sum("max_clients (1) reached" in w for w in warnings) == 1, warnings
