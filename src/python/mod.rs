@@ -95,13 +95,11 @@ macro_rules! lifecycle_methods {
             }
 
             /// For tests: makes every thread of the running core panic, as a bug would.
-            fn _inject_panic(&self) -> PyResult<()> {
+            fn _inject_panic(&self, py: Python<'_>) -> PyResult<()> {
                 use crate::lifecycle::Core;
-                self.core
-                    .running_core()
-                    .map_err(to_py)?
-                    .workers()
-                    .inject_panic();
+                let core = self.core.running_core().map_err(to_py)?;
+                // It joins the threads: with the GIL released, as every join here is.
+                py.detach(|| core.workers().inject_panic());
                 Ok(())
             }
 
