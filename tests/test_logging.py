@@ -101,7 +101,7 @@ def test_reset_log_cache_makes_a_new_level_count(
     logger, handler = udpchat_logger
     logger.setLevel(logging.ERROR)
     udpchat.reset_log_cache()
-    _join_drop_and_leave(make_peer)  # the Rust side caches ERROR for udpchat.server
+    _join_drop_and_leave(make_peer)  # the Rust side filters at ERROR
     assert handler.records == []
     logger.setLevel(logging.INFO)
     udpchat.reset_log_cache()
