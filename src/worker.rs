@@ -5,8 +5,9 @@ use std::io::{PipeReader, PipeWriter};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 
@@ -67,8 +68,15 @@ pub struct Workers {
     /// Set by `inject_panic`: each thread panics as it ends.
     injected: Arc<AtomicBool>,
     failure: Arc<Mutex<Option<String>>>,
+    /// Threads that have not yet finished, panic kept: a thread's channels close as it unwinds,
+    /// before its panic is kept and the stop fired, so whoever sees one close `settle()`s first.
+    unfinished: Arc<(Mutex<usize>, Condvar)>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
+
+/// How long `failure()` waits, once stopped, for threads still ending (they end within one
+/// wake-up, and never wait for the GIL).
+const SETTLE: Duration = Duration::from_secs(1);
 
 impl Workers {
     pub fn new(name: &'static str) -> Result<Self> {
@@ -76,6 +84,7 @@ impl Workers {
             name,
             stop: Arc::new(Stop::new().map_err(|e| Error::io("cannot create stop pipe", e))?),
             injected: Arc::default(),
+            unfinished: Arc::default(),
             failure: Arc::default(),
             handles: Mutex::default(),
         })
@@ -91,6 +100,8 @@ impl Workers {
         let stop = Arc::clone(&self.stop);
         let failure = Arc::clone(&self.failure);
         let injected = Arc::clone(&self.injected);
+        let unfinished = Arc::clone(&self.unfinished);
+        *lock(&unfinished.0) += 1;
         let thread_name = name.to_owned();
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
@@ -111,8 +122,13 @@ impl Workers {
                     lock(&failure).get_or_insert(format!("{thread_name}: {msg}"));
                     stop.fire();
                 }
+                *lock(&unfinished.0) -= 1;
+                unfinished.1.notify_all();
             })
-            .map_err(|e| Error::io(format!("cannot spawn thread {name}"), e))?;
+            .map_err(|e| {
+                *lock(&self.unfinished.0) -= 1;
+                Error::io(format!("cannot spawn thread {name}"), e)
+            })?;
         lock(&self.handles).push(handle);
         Ok(())
     }
@@ -130,8 +146,21 @@ impl Workers {
         !self.stop.fired()
     }
 
-    /// `Err(Panicked)` if a thread panicked.
+    /// Waits (up to `SETTLE`) until every thread has finished, its panic kept if it had one.
+    /// For whoever saw a thread's channel close: the thread may still be unwinding.
+    pub fn settle(&self) {
+        let (count, finished) = &*self.unfinished;
+        let _ = finished
+            .wait_timeout_while(lock(count), SETTLE, |n| *n > 0)
+            .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    /// `Err(Panicked)` if a thread panicked. Once stopped, it settles first, so a panic that is
+    /// still unwinding is not missed.
     pub fn failure(&self) -> Result<()> {
+        if self.stop.fired() {
+            self.settle();
+        }
         match lock(&self.failure).clone() {
             Some(msg) => Err(Error::Panicked(msg)),
             None => Ok(()),
@@ -191,6 +220,30 @@ mod tests {
             other => panic!("expected Panicked, got {other:?}"),
         }
         assert!(!workers.running());
+    }
+
+    #[test]
+    fn a_panic_seen_as_a_closed_channel_is_kept_once_settled() {
+        /// Closes the channel as the thread unwinds, well before the panic can be kept.
+        struct SlowDrop(Option<Sender<()>>);
+        impl Drop for SlowDrop {
+            fn drop(&mut self) {
+                drop(self.0.take());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        let workers = Workers::new("test").unwrap();
+        let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+        workers
+            .spawn("unwinder", move || {
+                let _guard = SlowDrop(Some(tx));
+                panic!("boom");
+            })
+            .unwrap();
+        assert!(rx.recv().is_err()); // closed while unwinding
+        workers.settle();
+        assert!(matches!(workers.failure(), Err(Error::Panicked(_))));
+        workers.stop_and_join();
     }
 
     #[test]

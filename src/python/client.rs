@@ -52,6 +52,7 @@ impl ChatClientUdp {
                 Ok(datagram) => return Ok(Some((core, datagram))),
                 // Stopped, ended by the server, or a thread died: then this says so.
                 Err(RecvTimeoutError::Disconnected) => {
+                    py.detach(|| core.workers().settle());
                     core.failure().map_err(to_py)?;
                     return Ok(None);
                 }
