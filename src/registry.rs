@@ -3,11 +3,13 @@
 //! Built for a fan-out that never waits on it: a heartbeat from a known client is one hash
 //! lookup and an atomic store; the fan-out thread takes the member list as a shared snapshot (an
 //! `Arc` clone, rebuilt only after someone joined or left) and checks each member's last-seen
-//! stamp without the lock, so expiry applies at broadcast time even between sweeps.
+//! stamp without the lock, so expiry applies at broadcast time even between sweeps. A chat
+//! message or heartbeat from a member bumps its counters (atomics, like the stamp) and nothing
+//! else.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,79 @@ pub struct Member {
     pub local: Option<IpAddr>,
     /// Nanoseconds since the registry's epoch when it was last heard from.
     last_seen: AtomicU64,
+    /// ... and when it joined.
+    joined: u64,
+    /// Chat messages received from it, and the sum of their payloads' lengths as relayed.
+    messages: AtomicU64,
+    bytes: AtomicU64,
+    /// `^hb^` datagrams received from it.
+    heartbeats: AtomicU64,
+    /// Sends to it are skipped until it is heard from again (see [`Registry::pause`]).
+    paused: AtomicBool,
+}
+
+impl Member {
+    fn new(addr: SocketAddr, local: Option<IpAddr>, stamp: u64) -> Member {
+        Member {
+            addr,
+            local,
+            last_seen: AtomicU64::new(stamp),
+            joined: stamp,
+            messages: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            heartbeats: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks it heard from at `stamp`, doing `activity`.
+    fn heard(&self, stamp: u64, activity: Activity) {
+        self.last_seen.store(stamp, Ordering::Relaxed);
+        match activity {
+            Activity::Heartbeat => {
+                self.heartbeats.fetch_add(1, Ordering::Relaxed);
+            }
+            Activity::Message { bytes } => {
+                self.messages.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            }
+            Activity::Register | Activity::Validated => {}
+        }
+        // Only ever set by an ICMP error, so a store that changes nothing is not worth its
+        // cache-line write on every message.
+        if self.paused.load(Ordering::Relaxed) {
+            self.paused.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether sends to it are paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+}
+
+/// What a datagram from a client did, which its counters (and a join's reason) say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// `reg`.
+    Register,
+    /// `^hb^`.
+    Heartbeat,
+    /// A chat message whose payload, as relayed, is `bytes` long.
+    Message { bytes: usize },
+    /// Validated mode's handshake, completed.
+    Validated,
+}
+
+/// One registered client's figures, as [`Registry::peers`] reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub joined: Instant,
+    pub last_seen: Instant,
+    pub messages: u64,
+    pub bytes: u64,
+    pub heartbeats: u64,
 }
 
 /// The list of members the fan-out sends to; shared, never copied per broadcast.
@@ -109,23 +184,31 @@ impl Registry {
         self.clock
     }
 
-    /// Marks `addr` alive at `now`, having sent to `local`, registering it if the limits allow.
-    /// Nothing already registered is disturbed by a refusal.
-    pub fn touch(&mut self, addr: SocketAddr, local: Option<IpAddr>, now: Instant) -> Touch {
+    /// Marks `addr` alive at `now`, having sent to `local` and done `activity`, registering it
+    /// if the limits allow. Nothing already registered is disturbed by a refusal.
+    pub fn touch(
+        &mut self,
+        addr: SocketAddr,
+        local: Option<IpAddr>,
+        now: Instant,
+        activity: Activity,
+    ) -> Touch {
         let stamp = self.clock.stamp(now);
         if let Some(member) = self.members.get_mut(&addr) {
-            if member.local == local {
-                member.last_seen.store(stamp, Ordering::Relaxed);
-            } else {
+            if member.local != local {
                 // Rare (a client that changed the server address it sends to): the member is
-                // replaced, and the fan-out's list rebuilt, as for a join.
-                *member = Arc::new(Member {
-                    addr,
-                    local,
-                    last_seen: AtomicU64::new(stamp),
-                });
+                // replaced, figures and all, and the fan-out's list rebuilt, as for a join.
+                let moved = Member {
+                    joined: member.joined,
+                    messages: AtomicU64::new(member.messages.load(Ordering::Relaxed)),
+                    bytes: AtomicU64::new(member.bytes.load(Ordering::Relaxed)),
+                    heartbeats: AtomicU64::new(member.heartbeats.load(Ordering::Relaxed)),
+                    ..Member::new(addr, local, stamp)
+                };
+                *member = Arc::new(moved);
                 self.snapshot = None;
             }
+            member.heard(stamp, activity);
             return Touch::Refreshed;
         }
         if self.members.len() >= self.limits.max_clients {
@@ -136,24 +219,29 @@ impl Registry {
             return Touch::IpFull;
         }
         *from_ip += 1;
-        let member = Member {
-            addr,
-            local,
-            last_seen: AtomicU64::new(stamp),
-        };
+        let member = Member::new(addr, local, stamp);
+        member.heard(stamp, activity);
         self.members.insert(addr, Arc::new(member));
         self.snapshot = None;
         Touch::Joined
     }
 
-    /// Removes `addr`. Returns true if it was registered.
-    pub fn remove(&mut self, addr: SocketAddr) -> bool {
-        let removed = self.members.remove(&addr).is_some();
-        if removed {
+    /// Removes `addr`, giving back its member if it was registered.
+    pub fn remove(&mut self, addr: SocketAddr) -> Option<Arc<Member>> {
+        let removed = self.members.remove(&addr);
+        if removed.is_some() {
             Self::forget(&mut self.per_ip, addr.ip());
             self.snapshot = None;
         }
         removed
+    }
+
+    /// Skips sends to `addr` until it is next heard from. Returns true if it was registered
+    /// and not paused already.
+    pub fn pause(&self, addr: SocketAddr) -> bool {
+        self.members
+            .get(&addr)
+            .is_some_and(|m| !m.paused.swap(true, Ordering::Relaxed))
     }
 
     /// Removes every client silent for more than `interval` at `now`; appends them to `expired`.
@@ -198,6 +286,23 @@ impl Registry {
             .collect()
     }
 
+    /// Every live client's figures.
+    pub fn peers(&self, now: Instant) -> Vec<Peer> {
+        let (clock, stamp) = (self.clock, self.clock.stamp(now));
+        self.members
+            .values()
+            .filter(|m| clock.is_live(m, stamp))
+            .map(|m| Peer {
+                addr: m.addr,
+                joined: clock.instant(m.joined),
+                last_seen: clock.instant(m.last_seen.load(Ordering::Relaxed)),
+                messages: m.messages.load(Ordering::Relaxed),
+                bytes: m.bytes.load(Ordering::Relaxed),
+                heartbeats: m.heartbeats.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }
@@ -236,9 +341,15 @@ mod tests {
     fn touch_registers_once_and_refreshes() {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
-        assert_eq!(r.touch(addr(1), None, t0), Touch::Joined);
+        assert_eq!(
+            r.touch(addr(1), None, t0, Activity::Heartbeat),
+            Touch::Joined
+        );
         let t5 = t0 + Duration::from_secs(5);
-        assert_eq!(r.touch(addr(1), None, t5), Touch::Refreshed);
+        assert_eq!(
+            r.touch(addr(1), None, t5, Activity::Heartbeat),
+            Touch::Refreshed
+        );
         assert_eq!(r.len(), 1);
         let snap = r.snapshot(t5);
         assert_eq!(snap.len(), 1);
@@ -249,9 +360,9 @@ mod tests {
     #[test]
     fn remove_reports_whether_registered() {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
-        r.touch(addr(1), None, Instant::now());
-        assert!(r.remove(addr(1)));
-        assert!(!r.remove(addr(1)));
+        r.touch(addr(1), None, Instant::now(), Activity::Heartbeat);
+        assert!(r.remove(addr(1)).is_some());
+        assert!(r.remove(addr(1)).is_none());
         assert!(r.is_empty());
     }
 
@@ -260,8 +371,13 @@ mod tests {
         let interval = Duration::from_secs(10);
         let mut r = Registry::new(interval, ROOMY);
         let t0 = Instant::now();
-        r.touch(addr(1), None, t0);
-        r.touch(addr(2), None, t0 + Duration::from_secs(3));
+        r.touch(addr(1), None, t0, Activity::Heartbeat);
+        r.touch(
+            addr(2),
+            None,
+            t0 + Duration::from_secs(3),
+            Activity::Heartbeat,
+        );
         let mut expired = Vec::new();
 
         // Exactly `interval` of silence is still alive: the tutorial drops at `> interval`.
@@ -283,11 +399,16 @@ mod tests {
     fn the_member_list_is_rebuilt_only_when_membership_changes() {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
-        r.touch(addr(1), None, t0);
+        r.touch(addr(1), None, t0, Activity::Heartbeat);
         let first = r.members();
-        r.touch(addr(1), None, t0 + Duration::from_secs(1)); // a heartbeat
+        r.touch(
+            addr(1),
+            None,
+            t0 + Duration::from_secs(1),
+            Activity::Heartbeat,
+        ); // a heartbeat
         assert!(Arc::ptr_eq(&first, &r.members()));
-        r.touch(addr(2), None, t0);
+        r.touch(addr(2), None, t0, Activity::Heartbeat);
         let second = r.members();
         assert!(!Arc::ptr_eq(&first, &second));
         assert_eq!(second.len(), 2);
@@ -295,7 +416,12 @@ mod tests {
         assert_eq!(r.members().len(), 1);
         // A heartbeat is seen through a snapshot taken before it.
         let held = r.members();
-        r.touch(addr(2), None, t0 + Duration::from_secs(9));
+        r.touch(
+            addr(2),
+            None,
+            t0 + Duration::from_secs(9),
+            Activity::Heartbeat,
+        );
         let clock = r.clock();
         assert!(clock.is_live(&held[0], clock.stamp(t0 + Duration::from_secs(19))));
     }
@@ -305,15 +431,21 @@ mod tests {
         let mut r = Registry::new(Duration::from_secs(10), ROOMY);
         let t0 = Instant::now();
         let (first, second) = ("127.0.0.2".parse().ok(), "127.0.0.3".parse().ok());
-        assert_eq!(r.touch(addr(1), first, t0), Touch::Joined);
+        assert_eq!(
+            r.touch(addr(1), first, t0, Activity::Heartbeat),
+            Touch::Joined
+        );
         let before = r.members();
         assert_eq!(before[0].local, first);
         // The same address: nothing to rebuild.
-        r.touch(addr(1), first, t0);
+        r.touch(addr(1), first, t0, Activity::Heartbeat);
         assert!(Arc::ptr_eq(&before, &r.members()));
         // Another one: the fan-out's list is rebuilt with it, the client still registered once.
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(r.touch(addr(1), second, t1), Touch::Refreshed);
+        assert_eq!(
+            r.touch(addr(1), second, t1, Activity::Heartbeat),
+            Touch::Refreshed
+        );
         let after = r.members();
         assert_eq!((after.len(), after[0].local), (1, second));
         assert!(r.snapshot(t1)[0].1.duration_since(t1) < Duration::from_micros(1));
@@ -329,23 +461,94 @@ mod tests {
         let mut r = Registry::new(Duration::from_secs(10), limits);
         let t0 = Instant::now();
         let other_ip = SocketAddr::from(([127, 0, 0, 2], 1));
-        assert_eq!(r.touch(addr(1), None, t0), Touch::Joined);
-        assert_eq!(r.touch(addr(2), None, t0), Touch::Joined);
-        assert_eq!(r.touch(addr(3), None, t0), Touch::IpFull);
-        assert_eq!(r.touch(other_ip, None, t0), Touch::Joined);
         assert_eq!(
-            r.touch(SocketAddr::from(([127, 0, 0, 3], 1)), None, t0),
+            r.touch(addr(1), None, t0, Activity::Heartbeat),
+            Touch::Joined
+        );
+        assert_eq!(
+            r.touch(addr(2), None, t0, Activity::Heartbeat),
+            Touch::Joined
+        );
+        assert_eq!(
+            r.touch(addr(3), None, t0, Activity::Heartbeat),
+            Touch::IpFull
+        );
+        assert_eq!(
+            r.touch(other_ip, None, t0, Activity::Heartbeat),
+            Touch::Joined
+        );
+        assert_eq!(
+            r.touch(
+                SocketAddr::from(([127, 0, 0, 3], 1)),
+                None,
+                t0,
+                Activity::Heartbeat
+            ),
             Touch::Full
         );
         // Those registered are still refreshed at the cap.
-        assert_eq!(r.touch(addr(1), None, t0), Touch::Refreshed);
+        assert_eq!(
+            r.touch(addr(1), None, t0, Activity::Heartbeat),
+            Touch::Refreshed
+        );
         assert_eq!(r.len(), 3);
         // A leave and an expiry each free a place for that IP.
-        assert!(r.remove(addr(1)));
-        assert_eq!(r.touch(addr(3), None, t0), Touch::Joined);
+        assert!(r.remove(addr(1)).is_some());
+        assert_eq!(
+            r.touch(addr(3), None, t0, Activity::Heartbeat),
+            Touch::Joined
+        );
         let mut expired = Vec::new();
         r.expire(t0 + Duration::from_secs(11), &mut expired);
         assert_eq!(expired.len(), 3);
         assert!(r.per_ip.is_empty());
+    }
+
+    #[test]
+    fn counters_follow_each_kind_of_datagram_and_a_pause_lasts_until_the_next() {
+        let mut r = Registry::new(Duration::from_secs(10), ROOMY);
+        let t0 = Instant::now();
+        assert_eq!(
+            r.touch(addr(1), None, t0, Activity::Register),
+            Touch::Joined
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        r.touch(addr(1), None, t1, Activity::Heartbeat);
+        r.touch(addr(1), None, t1, Activity::Message { bytes: 5 });
+        r.touch(addr(1), None, t1, Activity::Message { bytes: 7 });
+        r.touch(addr(1), None, t1, Activity::Register);
+        // A member that moved to another local address keeps its figures.
+        let t2 = t0 + Duration::from_secs(2);
+        r.touch(addr(1), "127.0.0.2".parse().ok(), t2, Activity::Heartbeat);
+        let peers = r.peers(t2);
+        let expected = Peer {
+            addr: addr(1),
+            joined: t0,
+            last_seen: t2,
+            messages: 2,
+            bytes: 12,
+            heartbeats: 2,
+        };
+        let close =
+            |a: Instant, b: Instant| a.max(b).duration_since(a.min(b)) < Duration::from_micros(1);
+        assert_eq!(peers.len(), 1);
+        assert!(close(peers[0].joined, t0) && close(peers[0].last_seen, t2));
+        assert_eq!(
+            Peer {
+                joined: t0,
+                last_seen: t2,
+                ..peers[0].clone()
+            },
+            expected
+        );
+        // A pause holds until the member is heard from, whatever it sends.
+        assert!(r.pause(addr(1)));
+        assert!(!r.pause(addr(1)), "already paused");
+        assert!(!r.pause(addr(2)), "not registered");
+        assert!(r.members()[0].is_paused());
+        r.touch(addr(1), "127.0.0.2".parse().ok(), t2, Activity::Register);
+        assert!(!r.members()[0].is_paused());
+        // The silent are not peers.
+        assert!(r.peers(t2 + Duration::from_secs(11)).is_empty());
     }
 }

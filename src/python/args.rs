@@ -6,9 +6,11 @@
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyMemoryView, PyString};
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyFloat, PyInt, PyList, PyMemoryView, PyString, PyTuple,
+};
 use std::fmt::Display;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Seconds between a client's heartbeats, or of silence before a server drops a client: 10 ms
@@ -222,6 +224,31 @@ impl<'py> Arg<'py> {
                 "{name} must be an IPv4 or IPv6 address, got {text:?}"
             ))),
         }
+    }
+
+    /// A socket address given as `(ip, port)` (a tuple or list of a `str` and an `int`), as
+    /// `clients` and `peers()` show them.
+    pub fn addr(&self, name: &str) -> PyResult<SocketAddr> {
+        let wrong = |what: String| {
+            PyTypeError::new_err(format!("{name} must be an (ip, port) tuple, not {what}"))
+        };
+        let obj = self.0.as_ref().ok_or_else(|| wrong("nothing".to_owned()))?;
+        let items: Vec<Bound<'py, PyAny>> = if let Ok(t) = obj.cast::<PyTuple>() {
+            t.iter().collect()
+        } else if let Ok(l) = obj.cast::<PyList>() {
+            l.iter().collect()
+        } else {
+            return Err(wrong(type_name(obj)));
+        };
+        let [ip, port] = <[_; 2]>::try_from(items).map_err(|items| {
+            PyValueError::new_err(format!(
+                "{name} must be an (ip, port) pair, got {} items",
+                items.len()
+            ))
+        })?;
+        let (_, ip) = Arg(Some(ip)).ip(&format!("{name}[0]"), "")?;
+        let port = Arg(Some(port)).int(&format!("{name}[1]"), 0, 0, u16::MAX)?;
+        Ok(SocketAddr::new(ip, port))
     }
 
     /// Bytes to send: a `str` (sent as UTF-8) or a bytes-like object (`bytes`, `bytearray`,

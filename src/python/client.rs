@@ -3,16 +3,13 @@ use pyo3::prelude::*;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::args::{Arg, MAX_QUEUE};
 use super::message::Message;
 use super::{lifecycle_methods, to_py};
 use crate::client::{Client, ClientConfig};
 use crate::lifecycle::{Core, Slot};
-
-/// How long a blocking wait runs with the GIL released before it checks for Ctrl-C.
-const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
 /// A UDP chat client: registers with ``reg``, sends ``^hb^`` every ``interval`` seconds, and
 /// delivers what the server sends through ``recv()`` or iteration.
@@ -35,33 +32,17 @@ impl ChatClientUdp {
         py: Python<'_>,
         timeout: Option<Duration>,
     ) -> PyResult<Option<(Arc<Client>, Vec<u8>)>> {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let Some(core) = self.core.get().map_err(to_py)? else {
             return Ok(None);
         };
-        // A message already waiting is taken without releasing the GIL at all.
-        if let Ok(datagram) = core.messages().try_recv() {
-            return Ok(Some((core, datagram)));
-        }
-        loop {
-            let slice = deadline.map_or(SIGNAL_CHECK, |d| {
-                d.saturating_duration_since(Instant::now())
-                    .min(SIGNAL_CHECK)
-            });
-            match py.detach(|| core.messages().recv_timeout(slice)) {
-                Ok(datagram) => return Ok(Some((core, datagram))),
-                // Stopped, ended by the server, or a thread died: then this says so.
-                Err(RecvTimeoutError::Disconnected) => {
-                    py.detach(|| core.workers().settle());
-                    core.failure().map_err(to_py)?;
-                    return Ok(None);
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    py.check_signals()?;
-                    if deadline.is_some_and(|d| Instant::now() >= d) {
-                        return Ok(None);
-                    }
-                }
+        match super::wait(py, core.messages(), timeout)? {
+            Ok(datagram) => Ok(Some((core, datagram))),
+            Err(RecvTimeoutError::Timeout) => Ok(None),
+            // Stopped, ended by the server, or a thread died: then this says so.
+            Err(RecvTimeoutError::Disconnected) => {
+                py.detach(|| core.workers().settle());
+                core.failure().map_err(to_py)?;
+                Ok(None)
             }
         }
     }

@@ -4,11 +4,14 @@ mod args;
 mod client;
 mod logging;
 mod message;
+mod presence;
 mod server;
 
+use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::lifecycle::{Core, Slot};
@@ -26,6 +29,41 @@ fn to_py(err: Error) -> PyErr {
             PyRuntimeError::new_err(err.to_string())
         }
         Error::TooLong(_) => PyValueError::new_err(err.to_string()),
+    }
+}
+
+/// How long a blocking wait runs with the GIL released before it checks for Ctrl-C.
+const SIGNAL_CHECK: Duration = Duration::from_millis(50);
+
+/// Waits up to `timeout` (None: without end) for the next item of `queue`, with the GIL
+/// released, in slices so Ctrl-C is seen promptly. `Err(Timeout)` on timeout,
+/// `Err(Disconnected)` once the queue is closed and empty.
+fn wait<T: Send>(
+    py: Python<'_>,
+    queue: &Receiver<T>,
+    timeout: Option<Duration>,
+) -> PyResult<Result<T, RecvTimeoutError>> {
+    // An item already waiting is taken without releasing the GIL at all.
+    match queue.try_recv() {
+        Ok(item) => return Ok(Ok(item)),
+        Err(TryRecvError::Disconnected) => return Ok(Err(RecvTimeoutError::Disconnected)),
+        Err(TryRecvError::Empty) => {}
+    }
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    loop {
+        let slice = deadline.map_or(SIGNAL_CHECK, |d| {
+            d.saturating_duration_since(Instant::now())
+                .min(SIGNAL_CHECK)
+        });
+        match py.detach(|| queue.recv_timeout(slice)) {
+            Err(RecvTimeoutError::Timeout) => {
+                py.check_signals()?;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    return Ok(Err(RecvTimeoutError::Timeout));
+                }
+            }
+            received => return Ok(received),
+        }
     }
 }
 
@@ -155,6 +193,8 @@ fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<server::ChatServerUdp>()?;
     m.add_class::<client::ChatClientUdp>()?;
     m.add_class::<message::Message>()?;
+    m.add_class::<presence::Event>()?;
+    m.add_class::<presence::Peer>()?;
     m.add_function(wrap_pyfunction!(reset_log_cache, m)?)?;
     Ok(())
 }

@@ -1,10 +1,12 @@
+use crossbeam_channel::Receiver;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict};
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
-use super::args::Arg;
+use super::args::{Arg, MAX_QUEUE};
+use super::presence::{Event, Peer};
 use super::{lifecycle_methods, py_addr, to_py};
 
 /// The core's defaults, for the keyword arguments'.
@@ -14,7 +16,7 @@ const DEFAULTS: ServerConfig = ServerConfig::default_for(SocketAddr::new(
 ));
 use crate::lifecycle::{Core, Slot};
 use crate::registry::Limits;
-use crate::server::{Server, ServerConfig, Stats, MAX_DATAGRAM};
+use crate::server::{self, Server, ServerConfig, Stats, MAX_DATAGRAM};
 use crate::worker::lock;
 
 /// The most clients, in all and from one IP address, that `max_clients` and `max_per_ip` allow.
@@ -38,6 +40,8 @@ pub struct ChatServerUdp {
     core: Slot<Server>,
     /// The counters of the last server stopped, whose socket is closed.
     final_stats: Mutex<Stats>,
+    /// The events of the last server started: still readable once it has stopped.
+    events: Mutex<Option<Receiver<server::Event>>>,
 }
 
 #[pymethods]
@@ -48,9 +52,10 @@ impl ChatServerUdp {
             ip = Arg::MISSING, port = Arg::MISSING, interval = Arg::MISSING, *,
             max_datagram = Arg::MISSING, max_clients = Arg::MISSING, max_per_ip = Arg::MISSING,
             rate_limit = Arg::MISSING, rcvbuf = Arg::MISSING, validate = Arg::MISSING,
-            fanout_threads = Arg::MISSING
+            fanout_threads = Arg::MISSING, event_queue = Arg::MISSING,
+            drop_unreachable = Arg::MISSING
         ),
-        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, max_clients=100000, max_per_ip=1024, rate_limit=None, rcvbuf=None, validate=False, fanout_threads=1)"
+        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, max_clients=100000, max_per_ip=1024, rate_limit=None, rcvbuf=None, validate=False, fanout_threads=1, event_queue=4096, drop_unreachable=True)"
     )]
     #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn new(
@@ -64,6 +69,8 @@ impl ChatServerUdp {
         rcvbuf: Arg<'_>,
         validate: Arg<'_>,
         fanout_threads: Arg<'_>,
+        event_queue: Arg<'_>,
+        drop_unreachable: Arg<'_>,
     ) -> PyResult<Self> {
         let (ip, addr) = ip.ip("ip", "127.0.0.1")?;
         let port = port.int("port", DEFAULTS.addr.port(), 0, u16::MAX)?;
@@ -82,12 +89,15 @@ impl ChatServerUdp {
                 rate_limit: rate_limit.optional_number("rate_limit", MIN_RATE, MAX_RATE)?,
                 rcvbuf: rcvbuf.optional_int("rcvbuf", MIN_RCVBUF, MAX_RCVBUF)?,
                 validate: validate.flag("validate", false)?,
+                event_queue: event_queue.int("event_queue", DEFAULTS.event_queue, 1, MAX_QUEUE)?,
+                drop_unreachable: drop_unreachable.flag("drop_unreachable", true)?,
             },
             ip,
             port,
             interval: given_interval,
             core: Slot::default(),
             final_stats: Mutex::default(),
+            events: Mutex::default(),
         })
     }
 
@@ -95,7 +105,11 @@ impl ChatServerUdp {
     /// the server is already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let config = self.config.clone();
-        super::start(py, &self.core, || Server::start(config))
+        super::start(py, &self.core, || Server::start(config))?;
+        if let Some(core) = self.core.get().map_err(to_py)? {
+            *lock(&self.events) = Some(core.events().clone());
+        }
+        Ok(())
     }
 
     /// Sends ``end`` to every live client, ends all threads and closes the socket. Idempotent.
@@ -138,6 +152,67 @@ impl ChatServerUdp {
             }
         }
         Ok(dict)
+    }
+
+    /// The next presence event, waiting up to ``timeout`` seconds (None: until one comes).
+    /// Returns None on timeout, or once the server has stopped and every event queued before
+    /// has been read.
+    #[pyo3(signature = (timeout = Arg::MISSING), text_signature = "($self, /, timeout=None)")]
+    fn next_event(&self, py: Python<'_>, timeout: Arg<'_>) -> PyResult<Option<Event>> {
+        let timeout = timeout.timeout("timeout")?;
+        self.core.get().map_err(to_py)?; // Forked
+        let Some(events) = lock(&self.events).clone() else {
+            return Ok(None);
+        };
+        Ok(super::wait(py, &events, timeout)?.ok().map(Event::from))
+    }
+
+    /// Up to ``max`` events: waits up to ``timeout`` seconds (None: until one comes) for the
+    /// first, then takes those already queued. Returns an empty list where ``next_event``
+    /// returns None.
+    #[pyo3(
+        signature = (max = Arg::MISSING, timeout = Arg::MISSING),
+        text_signature = "($self, /, max=1024, timeout=None)"
+    )]
+    fn events(&self, py: Python<'_>, max: Arg<'_>, timeout: Arg<'_>) -> PyResult<Vec<Event>> {
+        let max = max.int("max", 1024, 1, MAX_QUEUE)?;
+        let timeout = timeout.timeout("timeout")?;
+        self.core.get().map_err(to_py)?; // Forked
+        let Some(events) = lock(&self.events).clone() else {
+            return Ok(Vec::new());
+        };
+        let Ok(first) = super::wait(py, &events, timeout)? else {
+            return Ok(Vec::new());
+        };
+        let rest = events.try_iter().take(max - 1);
+        Ok(std::iter::once(first)
+            .chain(rest)
+            .map(Event::from)
+            .collect())
+    }
+
+    /// ``{(ip, port): Peer}`` for every live client, in one consistent snapshot; empty when not
+    /// running.
+    fn peers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dict = PyDict::new(py);
+        if let Some(core) = self.core.get().map_err(to_py)?.filter(|c| c.running()) {
+            for (peer, joined, seen) in core.peers() {
+                let value = Peer::new(&peer, joined, seen, self.config.validate);
+                dict.set_item(py_addr(peer.addr), value)?;
+            }
+        }
+        Ok(dict)
+    }
+
+    /// Removes the client at ``addr`` (an ``(ip, port)`` as ``clients`` shows it) now and sends
+    /// it ``end``: a ``'leave'`` event with reason ``'kicked'``. Returns False if it was not
+    /// registered. It may register again by sending again. RuntimeError if not running.
+    fn kick(&self, py: Python<'_>, addr: Arg<'_>) -> PyResult<bool> {
+        let addr = addr.addr("addr")?;
+        let core = self.core.running_core().map_err(to_py)?;
+        let kicked = py.detach(|| core.kick(addr)).map_err(to_py);
+        super::logging::flush(py);
+        kicked
     }
 
     #[getter]

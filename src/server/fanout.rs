@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Shared, LOG_TARGET};
+use super::{Reason, Shared, LOG_TARGET};
 use crate::error::Result;
 use crate::net;
 use crate::registry::{Clock, Member, Members};
@@ -49,6 +49,13 @@ pub(super) struct Batch {
 pub(super) struct Sending {
     batch: Batch,
     helpers: Option<Helpers>,
+}
+
+impl Sending {
+    /// Buffers for a send made between fan-outs (a kick's `end`).
+    pub(super) fn outbox(&mut self) -> &mut net::Outbox {
+        &mut self.batch.outbox
+    }
 }
 
 /// The fan-out's ends of the channels to its helper threads.
@@ -106,7 +113,7 @@ impl Shared {
     /// between the helpers by client, so each client still gets its datagrams in order.
     pub(super) fn fan_out(&self, sending: &mut Sending, datagrams: &mut Job, stop: &Stop) {
         let (members, clock) = {
-            let mut registry = lock(&self.registry);
+            let registry = &mut lock(&self.presence).registry;
             (registry.members(), registry.clock())
         };
         self.counters
@@ -153,9 +160,16 @@ impl Shared {
         (clock, now): (Clock, u64),
         stop: &Stop,
     ) {
+        let paused = std::cell::Cell::new(0);
+        let paused = &paused;
         let pairs = datagrams.iter().flat_map(|d| {
             part.iter()
-                .filter(move |m| clock.is_live(m, now))
+                .filter(move |m| {
+                    let live = clock.is_live(m, now);
+                    let skip = live && m.is_paused();
+                    paused.set(paused.get() + u64::from(skip));
+                    live && !skip
+                })
                 .map(move |m| (d.as_slice(), m.addr, m.local))
         });
         let until = net::Until {
@@ -168,13 +182,25 @@ impl Shared {
         });
         self.counters.deliveries.fetch_add(sent.delivered, Relaxed);
         self.counters.send_errors.fetch_add(sent.failed, Relaxed);
+        if paused.get() > 0 {
+            self.counters
+                .paused_unreachable
+                .fetch_add(paused.get(), Relaxed);
+        }
     }
 
-    /// Drops silent clients and logs them. The lock is released before logging: a log record
-    /// may wait for the GIL, and a Python thread holding the GIL may be waiting for this lock.
-    fn expire(&self, now: Instant, expired: &mut Vec<SocketAddr>) {
+    /// Drops silent clients, each with a `timeout` leave, and logs them. The lock is released
+    /// before logging: a log record may wait for the GIL, and a Python thread holding the GIL
+    /// may be waiting for this lock.
+    pub(super) fn expire(&self, now: Instant, expired: &mut Vec<SocketAddr>) {
         expired.clear();
-        lock(&self.registry).expire(now, expired);
+        {
+            let mut presence = lock(&self.presence);
+            presence.registry.expire(now, expired);
+            for &addr in expired.iter() {
+                presence.emit(Reason::Timeout, addr);
+            }
+        }
         self.counters
             .expired
             .fetch_add(expired.len() as u64, Relaxed);
@@ -230,7 +256,7 @@ mod tests {
             ..ServerConfig::default_for("127.0.0.1:0".parse().unwrap())
         };
         config.limits.max_per_ip = 10_000;
-        let shared = Arc::new(Shared::bind(config).unwrap());
+        let shared = Arc::new(Shared::bind(config).unwrap().0);
         let workers = Workers::new("server").unwrap();
         start_helpers(&shared, &workers).unwrap();
         // Enough clients that one datagram is a parallel round on its own.
@@ -239,7 +265,10 @@ mod tests {
             .collect();
         for peer in &peers {
             let addr = peer.local_addr().unwrap();
-            lock(&shared.registry).touch(addr, None, Instant::now());
+            let activity = crate::registry::Activity::Register;
+            lock(&shared.presence)
+                .registry
+                .touch(addr, None, Instant::now(), activity);
         }
         let stop = Arc::clone(workers.stop());
         for round in 0..3u8 {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::fanout::{Job, FANOUT_QUEUE};
 use super::receive::Receive;
-use super::{ServerConfig, Shared};
+use super::{Event, Reason, ServerConfig, Shared};
 use crate::net::Handler;
 use crate::protocol::{self, CHALLENGE, WELCOME};
 use crate::worker::{lock, Stop};
@@ -20,6 +20,7 @@ struct Bench {
     stop: Stop,
     fanout: Sender<Job>,
     _jobs: Receiver<Job>,
+    events: Receiver<Event>,
 }
 
 impl Bench {
@@ -29,8 +30,10 @@ impl Bench {
             ..ServerConfig::default_for("127.0.0.1:0".parse().unwrap())
         };
         let (fanout, _jobs) = crossbeam_channel::bounded(FANOUT_QUEUE);
+        let (shared, events) = Shared::bind(config).unwrap();
         Bench {
-            shared: Shared::bind(config).unwrap(),
+            shared,
+            events,
             stop: Stop::new().unwrap(),
             fanout,
             _jobs,
@@ -42,7 +45,8 @@ impl Bench {
     }
 
     fn registered(&self, addr: SocketAddr) -> bool {
-        lock(&self.shared.registry)
+        lock(&self.shared.presence)
+            .registry
             .snapshot(std::time::Instant::now())
             .iter()
             .any(|(a, _)| *a == addr)
@@ -192,7 +196,7 @@ fn sources_no_one_can_answer_are_never_registered_or_sent_to() {
         }
         assert_eq!(bench.stat("dropped_bad_source"), 2 * bad.len() as u64);
         assert_eq!(bench.stat("challenges"), 0);
-        assert_eq!(lock(&bench.shared.registry).len(), 0);
+        assert_eq!(lock(&bench.shared.presence).registry.len(), 0);
     }
 }
 
@@ -379,4 +383,70 @@ fn an_open_server_takes_a_bogus_token_as_its_client_meant_it() {
     assert!(drain(&member)[0].ends_with(b"\nhi\n"));
     feed(&mut rx, &tokened(&bogus, b"quit"), addr(&confused));
     assert!(!bench.registered(addr(&confused)));
+}
+
+impl Bench {
+    /// The events queued so far, as (reason, address).
+    fn events(&self) -> Vec<(Reason, SocketAddr)> {
+        self.events.try_iter().map(|e| (e.reason, e.addr)).collect()
+    }
+}
+
+#[test]
+fn a_forged_unreachable_report_only_pauses_a_validated_client_until_it_is_heard_from() {
+    let bench = Bench::new(true);
+    let mut rx = bench.receiver();
+    let (victim, victim_token) = client(&bench, &mut rx);
+    let (talker, token) = client(&bench, &mut rx);
+    let (victim_token, token) = (victim_token.unwrap(), token.unwrap());
+    // Anyone who saw the victim's address in an `ack:` line can forge an ICMP error for it.
+    rx.unreachable(addr(&victim), &std::io::ErrorKind::ConnectionRefused.into());
+    assert!(bench.registered(addr(&victim)));
+    feed(&mut rx, &tokened(&token, b"while paused"), addr(&talker));
+    assert!(drain(&victim).is_empty(), "sent to a paused client");
+    assert_eq!(drain(&talker).len(), 1);
+    assert_eq!(bench.stat("paused_unreachable"), 1);
+    assert_eq!(bench.stat("dropped_unreachable"), 0);
+    // Its next valid datagram ends the pause.
+    feed(&mut rx, &tokened(&victim_token, b"^hb^"), addr(&victim));
+    feed(&mut rx, &tokened(&token, b"after"), addr(&talker));
+    assert_eq!(drain(&victim).len(), 1);
+    assert_eq!(bench.stat("paused_unreachable"), 1);
+    let joins = vec![
+        (Reason::Validated, addr(&victim)),
+        (Reason::Validated, addr(&talker)),
+    ];
+    assert_eq!(bench.events(), joins, "a pause is not a leave");
+}
+
+#[test]
+fn an_unreachable_report_drops_an_open_client_at_once_and_nothing_else() {
+    let bench = Bench::new(false);
+    let mut rx = bench.receiver();
+    let ((gone, _), (talker, _)) = (client(&bench, &mut rx), client(&bench, &mut rx));
+    let stranger: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    rx.unreachable(stranger, &std::io::ErrorKind::ConnectionRefused.into());
+    rx.unreachable(addr(&gone), &std::io::ErrorKind::ConnectionRefused.into());
+    rx.unreachable(addr(&gone), &std::io::ErrorKind::ConnectionRefused.into());
+    assert!(!bench.registered(addr(&gone)));
+    assert_eq!(bench.stat("dropped_unreachable"), 1);
+    feed(&mut rx, b"hi", addr(&talker));
+    assert!(drain(&gone).is_empty());
+    let expected = vec![
+        (Reason::Reg, addr(&gone)),
+        (Reason::Reg, addr(&talker)),
+        (Reason::Unreachable, addr(&gone)),
+    ];
+    assert_eq!(bench.events(), expected);
+}
+
+#[test]
+fn with_drop_unreachable_off_a_report_changes_nothing() {
+    let mut bench = Bench::new(false);
+    bench.shared.config.drop_unreachable = false;
+    let mut rx = bench.receiver();
+    let (gone, _) = client(&bench, &mut rx);
+    rx.unreachable(addr(&gone), &std::io::ErrorKind::ConnectionRefused.into());
+    assert!(bench.registered(addr(&gone)));
+    assert_eq!(bench.stat("dropped_unreachable"), 0);
 }

@@ -3,18 +3,21 @@
 //!
 //! `mod.rs` holds the public `Server`, its configuration and its stop; each concern has a file:
 //! `receive` (the receiver thread), `fanout` (sending broadcasts, the sweep), `validated` (the
-//! handshake of validated mode), `stats` (the counters).
+//! handshake of validated mode), `events` (presence: joins, leaves, refusals), `unreachable`
+//! (clients the kernel reports unreachable), `stats` (the counters).
 
+mod events;
 mod fanout;
 #[cfg(test)]
 mod forged_tests;
 mod loops;
 mod receive;
 mod stats;
+mod unreachable;
 mod validated;
 
-use crossbeam_channel::{select, Sender};
-use log::info;
+use crossbeam_channel::{select, Receiver, Sender};
+use log::{debug, info};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,9 +27,11 @@ use crate::error::{Error, Result};
 use crate::lifecycle::Core;
 use crate::net;
 use crate::protocol;
-use crate::registry::{Limits, Member, Registry};
+use crate::registry::{Limits, Peer, Registry};
 use crate::throttle::{throttled, Throttle};
 use crate::worker::{lock, Workers};
+use events::Presence;
+pub use events::{Event, Kind, Reason};
 use fanout::{Job, Sending, FANOUT_QUEUE};
 use receive::{Receive, RECV_BATCH};
 use stats::Counters;
@@ -60,6 +65,11 @@ pub struct ServerConfig {
     /// Validated mode: a source registers only after proving it receives at its address, and
     /// every datagram it sends after that carries its token.
     pub validate: bool,
+    /// Presence events queued at most, unread; past that they are dropped and counted.
+    pub event_queue: usize,
+    /// Act on the kernel's reports (ICMP) that a client is unreachable: drop it in open mode,
+    /// pause sends to it in validated mode. Off for networks whose firewalls send spurious ones.
+    pub drop_unreachable: bool,
 }
 
 impl ServerConfig {
@@ -77,6 +87,8 @@ impl ServerConfig {
             rate_limit: None,
             rcvbuf: None,
             validate: false,
+            event_queue: 4096,
+            drop_unreachable: true,
         }
     }
 
@@ -92,7 +104,8 @@ struct Shared {
     socket: UdpSocket,
     local: SocketAddr,
     config: ServerConfig,
-    registry: Mutex<Registry>,
+    /// The client table, and the events its changes make.
+    presence: Mutex<Presence>,
     counters: Counters,
     /// Validated mode's keys.
     keys: Option<Keys>,
@@ -104,11 +117,13 @@ pub struct Server {
     shared: Arc<Shared>,
     workers: Workers,
     fanout: Sender<Job>,
+    events: Receiver<Event>,
 }
 
 impl Shared {
-    /// Binds the socket and makes validated mode's keys: all a server is before its threads.
-    fn bind(config: ServerConfig) -> Result<Shared> {
+    /// Binds the socket and makes validated mode's keys: all a server is before its threads;
+    /// and the end of the events queue applications read.
+    fn bind(config: ServerConfig) -> Result<(Shared, Receiver<Event>)> {
         let socket = net::bind(config.addr, config.rcvbuf)
             .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
         // Bound to a wildcard address, the server answers each client from the address it
@@ -124,22 +139,37 @@ impl Shared {
         let local = socket
             .local_addr()
             .map_err(|e| Error::io("cannot read bound address", e))?;
-        Ok(Shared {
+        let registry = Registry::new(config.interval, config.limits);
+        let (presence, events) = Presence::new(registry, config.event_queue);
+        let shared = Shared {
             socket,
             local,
-            registry: Mutex::new(Registry::new(config.interval, config.limits)),
+            presence: Mutex::new(presence),
             config,
             counters: Counters::default(),
             keys,
             sending: Mutex::default(),
-        })
+        };
+        Ok((shared, events))
+    }
+
+    /// The `end` that closes `addr`'s membership: keyed with its token in validated mode, so a
+    /// forged `end` cannot close anyone.
+    fn end(&self, addr: SocketAddr) -> Vec<u8> {
+        let mut end = Vec::new();
+        match &self.keys {
+            Some(keys) => protocol::write_keyed(&mut end, protocol::END_KEYED, &keys.token(addr)),
+            None => end.extend_from_slice(protocol::END),
+        }
+        end
     }
 }
 
 impl Server {
     /// Binds and starts the receiver and fan-out threads.
     pub fn start(config: ServerConfig) -> Result<Server> {
-        let shared = Arc::new(Shared::bind(config)?);
+        let (shared, events) = Shared::bind(config)?;
+        let shared = Arc::new(shared);
         let local = shared.local;
         let workers = Workers::new(Self::NAME)?;
         let (fanout, jobs) = crossbeam_channel::bounded::<Job>(FANOUT_QUEUE);
@@ -147,6 +177,7 @@ impl Server {
             shared: Arc::clone(&shared),
             workers,
             fanout: fanout.clone(),
+            events,
         };
         fanout::start_helpers(&shared, &server.workers)?;
         {
@@ -179,11 +210,67 @@ impl Server {
     pub fn clients(&self) -> Vec<(SocketAddr, SystemTime)> {
         let now = Instant::now();
         let wall = SystemTime::now();
-        lock(&self.shared.registry)
+        lock(&self.shared.presence)
+            .registry
             .snapshot(now)
             .into_iter()
             .map(|(addr, seen)| (addr, wall - now.saturating_duration_since(seen)))
             .collect()
+    }
+
+    /// Every live client's figures, in one consistent snapshot, with wall-clock times.
+    pub fn peers(&self) -> Vec<(Peer, SystemTime, SystemTime)> {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let at = |t: Instant| wall - now.saturating_duration_since(t);
+        let peers = lock(&self.shared.presence).registry.peers(now);
+        peers
+            .into_iter()
+            .map(|p| {
+                let (joined, seen) = (at(p.joined), at(p.last_seen));
+                (p, joined, seen)
+            })
+            .collect()
+    }
+
+    /// The events of this run, as they are queued: join, leave and refused. Closed (once read
+    /// to the end) when the server has stopped.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Removes `addr` now and sends it `end` (keyed in validated mode), with a `kicked` leave.
+    /// False if it was not registered. No broadcast reaches it after this returns.
+    pub fn kick(&self, addr: SocketAddr) -> Result<bool> {
+        self.workers.check()?;
+        let shared = &self.shared;
+        // Held while no broadcast is being sent, so none that took the member list before the
+        // kick can reach the client after its `end`.
+        let mut sending = lock(&shared.sending);
+        let member = {
+            let mut presence = lock(&shared.presence);
+            let member = presence.registry.remove(addr);
+            if member.is_some() {
+                presence.emit(Reason::Kicked, addr);
+            }
+            member
+        };
+        let Some(member) = member else {
+            return Ok(false);
+        };
+        let end = shared.end(addr);
+        let until = net::Until {
+            stop: Some(self.workers.stop()),
+            deadline: None,
+        };
+        let outbox = sending.outbox();
+        let ends = [(end.as_slice(), addr, member.local)];
+        net::send_each(&shared.socket, outbox, ends, until, |addr, e| {
+            debug!(target: LOG_TARGET, "cannot send end to {addr}: {e}");
+        });
+        drop(sending);
+        info!(target: LOG_TARGET, "{addr} kicked");
+        Ok(true)
     }
 
     /// Sends `payload` to every live client as a message from the server's own address.
@@ -211,11 +298,16 @@ impl Server {
     /// the clients registered now.
     pub fn stats(&self) -> Stats {
         let mut stats = self.shared.counters.snapshot();
+        let (dropped, clients) = {
+            let presence = lock(&self.shared.presence);
+            (presence.dropped, presence.registry.len())
+        };
+        stats.push(("events_dropped", dropped));
         stats.push((
             "kernel_drops",
             net::kernel_drops(&self.shared.socket).unwrap_or(0),
         ));
-        stats.push(("clients", lock(&self.shared.registry).len() as u64));
+        stats.push(("clients", clients as u64));
         stats
     }
 }
@@ -237,34 +329,16 @@ impl Core for Server {
         if !self.workers.stop_and_join() {
             return;
         }
-        // Every thread is gone, so nothing can follow the `end`.
+        // Every thread is gone, so nothing can follow the `end`. Those already silent leave as
+        // at a sweep; every other member is sent its `end`, then leaves with reason `stop`.
         let shared = &self.shared;
-        let (members, clock) = {
-            let mut registry = lock(&shared.registry);
-            (registry.members(), registry.clock())
-        };
-        let now = clock.stamp(Instant::now());
-        let live: Vec<&Member> = members
+        shared.expire(Instant::now(), &mut Vec::new());
+        let members = lock(&shared.presence).registry.members();
+        let ends: Vec<Vec<u8>> = members.iter().map(|m| shared.end(m.addr)).collect();
+        let ends = members
             .iter()
-            .filter(|m| clock.is_live(m, now))
-            .map(|m| &**m)
-            .collect();
-        // Validated mode: `end {token}`, one per client, so a forged `end` cannot close anyone.
-        let keyed: Vec<Vec<u8>> = match &shared.keys {
-            Some(keys) => live
-                .iter()
-                .map(|m| {
-                    let mut end = Vec::new();
-                    protocol::write_keyed(&mut end, protocol::END_KEYED, &keys.token(m.addr));
-                    end
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        let ends = live.iter().enumerate().map(|(i, m)| {
-            let end = keyed.get(i).map_or(protocol::END, Vec::as_slice);
-            (end, m.addr, m.local)
-        });
+            .zip(&ends)
+            .map(|(m, end)| (end.as_slice(), m.addr, m.local));
         let until = net::Until {
             stop: None,
             deadline: Some(Instant::now() + END_DEADLINE),
@@ -277,7 +351,14 @@ impl Core for Server {
             until,
             |addr, e| throttled!(errors, debug, target: LOG_TARGET, "cannot send end to {addr}: {e}"),
         );
-        let unsent = match (live.len() as u64).saturating_sub(sent.delivered) {
+        {
+            let mut presence = lock(&shared.presence);
+            for m in members.iter() {
+                presence.emit(Reason::Stop, m.addr);
+            }
+            presence.close();
+        }
+        let unsent = match (members.len() as u64).saturating_sub(sent.delivered) {
             0 => String::new(),
             n => format!(" ({n} more could not be sent)"),
         };

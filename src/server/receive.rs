@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use super::fanout::Job;
 use super::loops::{Loop, LoopGuard, ReplyLimit};
+use super::Reason;
 use super::{Shared, LOG_TARGET};
 use crate::net;
 use crate::protocol::{self, Datagram};
 use crate::ratelimit::RateLimiter;
-use crate::registry::Touch;
+use crate::registry::{Activity, Touch};
 use crate::throttle::{throttled, Throttle};
 use crate::worker::{lock, Stop};
 
@@ -33,6 +34,8 @@ pub(super) struct Receive<'a> {
     job: Job,
     /// The per-source rate limiter (`rate_limit`).
     limiter: Option<RateLimiter<IpAddr>>,
+    /// At most one `refused` event per address per interval.
+    refusals: RateLimiter<SocketAddr>,
     /// When the rate limiters were last swept.
     swept: Instant,
     guard: LoopGuard,
@@ -53,6 +56,7 @@ pub(super) struct Warnings {
     refused: Throttle,
     pub(super) unanswered: Throttle,
     icmp: Throttle,
+    pub(super) paused: Throttle,
 }
 
 impl<'a> Receive<'a> {
@@ -66,6 +70,10 @@ impl<'a> Receive<'a> {
                 let sources = shared.config.limits.max_clients.max(1024);
                 RateLimiter::new(rate, sources)
             }),
+            refusals: {
+                let interval = shared.config.interval.as_secs_f64().max(1e-3);
+                RateLimiter::with_burst(1.0 / interval, 1.0, shared.config.event_queue.max(1024))
+            },
             swept: Instant::now(),
             guard: LoopGuard::new(shared.local),
             reply: Vec::new(),
@@ -85,11 +93,22 @@ impl<'a> Receive<'a> {
     ) {
         match protocol::classify(data) {
             Datagram::Empty => {}
-            Datagram::Register | Datagram::Heartbeat => {
-                self.touch(from, local, now);
+            Datagram::Register => {
+                self.touch(from, local, now, Activity::Register);
+            }
+            Datagram::Heartbeat => {
+                self.touch(from, local, now, Activity::Heartbeat);
             }
             Datagram::Quit => {
-                if lock(&self.shared.registry).remove(from) {
+                let left = {
+                    let mut presence = lock(&self.shared.presence);
+                    let left = presence.registry.remove(from).is_some();
+                    if left {
+                        presence.emit(Reason::Quit, from);
+                    }
+                    left
+                };
+                if left {
                     info!(target: LOG_TARGET, "{from} left");
                 }
             }
@@ -109,7 +128,10 @@ impl<'a> Receive<'a> {
                     return;
                 }
                 // A source the table turns away is not relayed either.
-                if self.touch(from, local, now) {
+                let activity = Activity::Message {
+                    bytes: payload.len(),
+                };
+                if self.touch(from, local, now, activity) {
                     let mut datagram = Vec::new();
                     protocol::write_ack(&mut datagram, from, payload);
                     self.job.push(datagram);
@@ -118,10 +140,39 @@ impl<'a> Receive<'a> {
         }
     }
 
-    /// Marks `from` alive (replies to it go out from `local`), registering it if the limits
-    /// allow; false if they did not.
-    pub(super) fn touch(&mut self, from: SocketAddr, local: Option<IpAddr>, now: Instant) -> bool {
-        let touch = lock(&self.shared.registry).touch(from, local, now);
+    /// Marks `from` alive (replies to it go out from `local`) having done `activity`,
+    /// registering it if the limits allow; false if they did not. A join, and a refusal (once
+    /// per address per interval), is an event.
+    pub(super) fn touch(
+        &mut self,
+        from: SocketAddr,
+        local: Option<IpAddr>,
+        now: Instant,
+        activity: Activity,
+    ) -> bool {
+        let touch = {
+            let mut presence = lock(&self.shared.presence);
+            let touch = presence.registry.touch(from, local, now, activity);
+            let reason = match touch {
+                Touch::Refreshed => None,
+                Touch::Joined if self.shared.keys.is_some() => Some(Reason::Validated),
+                Touch::Joined => Some(match activity {
+                    Activity::Register => Reason::Reg,
+                    Activity::Heartbeat => Reason::Heartbeat,
+                    Activity::Message { .. } => Reason::Message,
+                    Activity::Validated => Reason::Validated,
+                }),
+                // Past the tracking table's bound (a flood of new sources), the queue's own
+                // bound is what limits them.
+                _ if self.refusals.allow(from, now) == Some(false) => None,
+                Touch::Full => Some(Reason::MaxClients),
+                Touch::IpFull => Some(Reason::MaxPerIp),
+            };
+            if let Some(reason) = reason {
+                presence.emit(reason, from);
+            }
+            touch
+        };
         match touch {
             Touch::Refreshed => true,
             Touch::Joined => {
@@ -207,13 +258,14 @@ impl net::Handler for Receive<'_> {
             if let Some(limiter) = &mut self.limiter {
                 limiter.sweep(self.swept);
             }
+            self.refusals.sweep(self.swept);
             self.replies.sweep(self.swept);
         }
         if self.job.is_empty() {
             return;
         }
         let shared = self.shared;
-        let small = self.job.len() * lock(&shared.registry).len() <= INLINE_FANOUT;
+        let small = self.job.len() * lock(&shared.presence).registry.len() <= INLINE_FANOUT;
         if small && self.fanout.is_empty() {
             if let Ok(mut sending) = shared.sending.try_lock() {
                 // Checked again under the lock: the fan-out thread empties the queue only while

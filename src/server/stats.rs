@@ -53,4 +53,9 @@ counters! {
     replies_limited,
     /// Clients dropped for silence.
     expired,
+    /// Open mode: clients dropped because the kernel reported them unreachable (ICMP).
+    dropped_unreachable,
+    /// Validated mode: sends skipped to clients paused since the kernel reported them
+    /// unreachable.
+    paused_unreachable,
 }

@@ -10,6 +10,7 @@ use super::LOG_TARGET;
 use crate::auth::Keys;
 use crate::net;
 use crate::protocol::{self, Datagram, Validated};
+use crate::registry::Activity;
 use crate::throttle::throttled;
 
 /// Where a reply goes: the client's address, and the local address it wrote to.
@@ -30,7 +31,7 @@ impl Receive<'_> {
         match protocol::classify_validated(data) {
             Validated::Hello => self.challenge(keys, data.len(), to, now),
             Validated::Answer(cookie) if keys.check_cookie(from, cookie, now) => {
-                if self.touch(from, local, now) {
+                if self.touch(from, local, now, Activity::Validated) {
                     self.reply.clear();
                     protocol::write_keyed(&mut self.reply, protocol::WELCOME, &keys.token(from));
                     self.send_reply(to, now);
