@@ -9,7 +9,9 @@ from ._udpchat import (
     MAX_MESSAGE,
     ChatClientUdp,
     ChatServerUdp,
+    Event,
     Message,
+    Peer,
     __version__,
     reset_log_cache,
 )
@@ -19,7 +21,9 @@ __all__ = [
     "MAX_MESSAGE",
     "ChatClientUdp",
     "ChatServerUdp",
+    "Event",
     "Message",
+    "Peer",
     "__version__",
     "reset_log_cache",
 ]
