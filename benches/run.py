@@ -13,6 +13,8 @@ kernel baseline). Servers under test, each started fresh for every measurement:
   baseline   benches/baseline.rs: one thread, recvmmsg/sendmmsg, nothing else (the kernel's limit)
   tutorial   the tutorial's threaded pure-Python server, copied below (prints removed)
   asyncio    the same protocol on asyncio's DatagramProtocol
+  udpchat-events-full  udpchat with its presence events never read and their queue full
+  before     udpchat as installed for another Python (`--before PYTHON`): an earlier build
 
 The load generator (benches/loadgen.rs) registers N client sockets on 127.0.0.1, sends with a
 bounded window from a few of them, and counts every broadcast every socket receives.
@@ -50,7 +52,9 @@ EXAMPLES = ROOT / "target" / "release" / "examples"
 # How long a server or CPU burner started here lives at most, if nobody kills it first.
 LIFETIME = 600.0
 # The steps of a full run, in order; `--only` picks some.
-STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry")
+STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry", "presence")
+# The Python whose udpchat the presence step compares against (`--before`).
+BEFORE: str | None = None
 
 
 # --- the servers under test -----------------------------------------------------------------
@@ -161,11 +165,14 @@ def serve(kind: str, busy: bool, fanout_threads: int, log_info: bool = False) ->
     `log_info`, logging at INFO to a file (/dev/null), as a service would log to its own."""
     if log_info:
         logging.basicConfig(level=logging.INFO, filename=os.devnull)
-    if kind in ("udpchat", "udpchat-any"):
+    if kind in ("udpchat", "udpchat-any", "udpchat-events-full"):
         from udpchat import ChatServerUdp
 
         ip = "0.0.0.0" if kind == "udpchat-any" else "127.0.0.1"
-        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads)
+        # Events are never read: with a queue of 16 the clients' joins fill it, and every later
+        # event is dropped and counted.
+        events = {"event_queue": 16} if kind == "udpchat-events-full" else {}
+        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads, **events)
         server.start()
         assert server.address is not None
         address = ("127.0.0.1", server.address[1])
@@ -200,6 +207,9 @@ def server(
 ) -> Iterator[str]:
     if kind == "baseline":
         cmd = [str(EXAMPLES / "baseline"), "127.0.0.1:0"]
+    elif kind == "before":
+        assert BEFORE is not None
+        cmd = [BEFORE, __file__, "serve", "udpchat", "--fanout-threads", str(fanout_threads)]
     else:
         cmd = [sys.executable, __file__, "serve", kind, "--fanout-threads", str(fanout_threads)]
         cmd += ["--busy"] if busy else []
@@ -590,6 +600,45 @@ def registry_scale() -> None:
     )
 
 
+def presence(seconds: float, runs: int) -> None:
+    """Presence costs nothing per message: fan-out with 100 clients, events never read (the
+    queue full, so every event past it is dropped), against the build given by `--before`."""
+    if BEFORE is None:
+        print("\n(presence: skipped; give --before PYTHON, a Python with the earlier udpchat)")
+        return
+    before = subprocess.run(
+        [BEFORE, "-c", "import udpchat; print(udpchat.__version__, udpchat.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    print(f"\nbefore: {before}")
+    kinds = ["before", "udpchat", "udpchat-events-full"]
+    rows = []
+    for size in (64, 1200):
+
+        def measure(kind: str, size: int = size) -> dict[str, float]:
+            with server(kind) as address:
+                return loadgen("throughput", address, 100, 4, size, seconds)
+
+        key = "deliveries_per_s"
+        results = interleaved(kinds, runs, measure)
+        got = {kind: median_by(results[kind], key) for kind in kinds}
+        rows.append(
+            [
+                f"100 clients, {size} B",
+                *(f"{got[k][key]:,.0f}" for k in kinds),
+                ratio(got["udpchat-events-full"][key], got["before"][key]),
+                spread(results["udpchat-events-full"], results["before"], key),
+            ]
+        )
+    table(
+        "Presence: deliveries per second, events unread",
+        ["load", *kinds, "events-full/before", "per round"],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -608,7 +657,12 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=list(STEPS), action="append", help="run only these steps (repeatable)"
     )
+    parser.add_argument(
+        "--before", metavar="PYTHON", help="a Python with an earlier udpchat, for `presence`"
+    )
     args = parser.parse_args()
+    global BEFORE
+    BEFORE = args.before
     if args.command == "serve":
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         serve(args.kind, args.busy, args.fanout_threads, args.log_info)
@@ -635,6 +689,7 @@ def main() -> None:
         "latency": lambda: latency(seconds, runs),
         "ingest": lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20, runs),
         "registry": registry_scale,
+        "presence": lambda: presence(seconds, runs),
     }
     assert list(steps) == list(STEPS)
     for name in args.only or STEPS:
