@@ -171,8 +171,8 @@ def serve(kind: str, busy: bool, fanout_threads: int, log_info: bool = False) ->
         ip = "0.0.0.0" if kind == "udpchat-any" else "127.0.0.1"
         # Events are never read: with a queue of 16 the clients' joins fill it, and every later
         # event is dropped and counted.
-        events = {"event_queue": 16} if kind == "udpchat-events-full" else {}
-        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads, **events)
+        events = 16 if kind == "udpchat-events-full" else 4096
+        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads, event_queue=events)
         server.start()
         assert server.address is not None
         address = ("127.0.0.1", server.address[1])
