@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use udpchat::registry::{Limits, Registry};
+use udpchat::registry::{Activity, Limits, Registry};
 
 struct Counting;
 
@@ -49,7 +49,7 @@ fn main() {
     let before = LIVE.load(Ordering::Relaxed);
     let t0 = Instant::now();
     for &a in &addrs {
-        registry.touch(a, None, t0);
+        registry.touch(a, None, t0, Activity::Register);
     }
     let register = t0.elapsed();
     let table = LIVE.load(Ordering::Relaxed) - before;
@@ -59,7 +59,7 @@ fn main() {
     let with_snapshot = LIVE.load(Ordering::Relaxed) - before;
     let t2 = Instant::now();
     for &a in &addrs {
-        registry.touch(a, None, t2);
+        registry.touch(a, None, t2, Activity::Heartbeat);
     }
     let heartbeat = t2.elapsed();
     let t3 = Instant::now();

@@ -7,7 +7,9 @@
 //! message or heartbeat from a member bumps its counters (atomics, like the stamp) and nothing
 //! else.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -98,6 +100,31 @@ pub struct Peer {
     pub heartbeats: u64,
 }
 
+/// A member in the table, found by its address: the address is stored once, in the member,
+/// rather than again as the key (a third of the table's memory at 100,000 clients).
+#[derive(Debug)]
+struct Entry(Arc<Member>);
+
+impl Borrow<SocketAddr> for Entry {
+    fn borrow(&self) -> &SocketAddr {
+        &self.0.addr
+    }
+}
+
+impl Hash for Entry {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.addr.hash(state);
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Entry) -> bool {
+        self.0.addr == other.0.addr
+    }
+}
+
+impl Eq for Entry {}
+
 /// The list of members the fan-out sends to; shared, never copied per broadcast.
 pub type Members = Arc<[Arc<Member>]>;
 
@@ -149,7 +176,7 @@ pub enum Touch {
 pub struct Registry {
     clock: Clock,
     limits: Limits,
-    members: HashMap<SocketAddr, Arc<Member>>,
+    members: HashSet<Entry>,
     /// Registered clients per IP address, for `max_per_ip`.
     per_ip: HashMap<IpAddr, usize>,
     /// The member list as the fan-out last took it; None after a join or a leave.
@@ -165,7 +192,7 @@ impl Registry {
                 interval: u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX),
             },
             limits,
-            members: HashMap::new(),
+            members: HashSet::new(),
             per_ip: HashMap::new(),
             snapshot: None,
         }
@@ -194,21 +221,23 @@ impl Registry {
         activity: Activity,
     ) -> Touch {
         let stamp = self.clock.stamp(now);
-        if let Some(member) = self.members.get_mut(&addr) {
-            if member.local != local {
-                // Rare (a client that changed the server address it sends to): the member is
-                // replaced, figures and all, and the fan-out's list rebuilt, as for a join.
-                let moved = Member {
-                    joined: member.joined,
-                    messages: AtomicU64::new(member.messages.load(Ordering::Relaxed)),
-                    bytes: AtomicU64::new(member.bytes.load(Ordering::Relaxed)),
-                    heartbeats: AtomicU64::new(member.heartbeats.load(Ordering::Relaxed)),
-                    ..Member::new(addr, local, stamp)
-                };
-                *member = Arc::new(moved);
-                self.snapshot = None;
+        if let Some(Entry(member)) = self.members.get(&addr) {
+            if member.local == local {
+                member.heard(stamp, activity);
+                return Touch::Refreshed;
             }
-            member.heard(stamp, activity);
+            // Rare (a client that changed the server address it sends to): the member is
+            // replaced, figures and all, and the fan-out's list rebuilt, as for a join.
+            let moved = Member {
+                joined: member.joined,
+                messages: AtomicU64::new(member.messages.load(Ordering::Relaxed)),
+                bytes: AtomicU64::new(member.bytes.load(Ordering::Relaxed)),
+                heartbeats: AtomicU64::new(member.heartbeats.load(Ordering::Relaxed)),
+                ..Member::new(addr, local, stamp)
+            };
+            moved.heard(stamp, activity);
+            self.members.replace(Entry(Arc::new(moved)));
+            self.snapshot = None;
             return Touch::Refreshed;
         }
         if self.members.len() >= self.limits.max_clients {
@@ -221,14 +250,14 @@ impl Registry {
         *from_ip += 1;
         let member = Member::new(addr, local, stamp);
         member.heard(stamp, activity);
-        self.members.insert(addr, Arc::new(member));
+        self.members.insert(Entry(Arc::new(member)));
         self.snapshot = None;
         Touch::Joined
     }
 
     /// Removes `addr`, giving back its member if it was registered.
     pub fn remove(&mut self, addr: SocketAddr) -> Option<Arc<Member>> {
-        let removed = self.members.remove(&addr);
+        let removed = self.members.take(&addr).map(|e| e.0);
         if removed.is_some() {
             Self::forget(&mut self.per_ip, addr.ip());
             self.snapshot = None;
@@ -241,18 +270,18 @@ impl Registry {
     pub fn pause(&self, addr: SocketAddr) -> bool {
         self.members
             .get(&addr)
-            .is_some_and(|m| !m.paused.swap(true, Ordering::Relaxed))
+            .is_some_and(|Entry(m)| !m.paused.swap(true, Ordering::Relaxed))
     }
 
     /// Removes every client silent for more than `interval` at `now`; appends them to `expired`.
     pub fn expire(&mut self, now: Instant, expired: &mut Vec<SocketAddr>) {
         let (clock, stamp, before) = (self.clock, self.clock.stamp(now), expired.len());
         let per_ip = &mut self.per_ip;
-        self.members.retain(|&addr, member| {
+        self.members.retain(|Entry(member)| {
             let live = clock.is_live(member, stamp);
             if !live {
-                expired.push(addr);
-                Self::forget(per_ip, addr.ip());
+                expired.push(member.addr);
+                Self::forget(per_ip, member.addr.ip());
             }
             live
         });
@@ -267,7 +296,7 @@ impl Registry {
         let members = &self.members;
         Arc::clone(
             self.snapshot
-                .get_or_insert_with(|| members.values().cloned().collect()),
+                .get_or_insert_with(|| members.iter().map(|e| Arc::clone(&e.0)).collect()),
         )
     }
 
@@ -275,7 +304,8 @@ impl Registry {
     pub fn snapshot(&self, now: Instant) -> Vec<(SocketAddr, Instant)> {
         let stamp = self.clock.stamp(now);
         self.members
-            .values()
+            .iter()
+            .map(|e| &e.0)
             .filter(|m| self.clock.is_live(m, stamp))
             .map(|m| {
                 (
@@ -290,7 +320,8 @@ impl Registry {
     pub fn peers(&self, now: Instant) -> Vec<Peer> {
         let (clock, stamp) = (self.clock, self.clock.stamp(now));
         self.members
-            .values()
+            .iter()
+            .map(|e| &e.0)
             .filter(|m| clock.is_live(m, stamp))
             .map(|m| Peer {
                 addr: m.addr,
