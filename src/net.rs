@@ -1,6 +1,7 @@
 //! Socket plumbing shared by the server and the client: non-blocking UDP sockets driven by
 //! `poll(2)` together with the stop pipe, so a blocked receiver wakes the moment `stop()` fires.
 
+mod errqueue;
 mod pktinfo;
 
 use std::io::{self, ErrorKind};
@@ -35,6 +36,21 @@ pub fn bind(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<UdpSocket> {
 /// socket bound to a wildcard address can answer from it (see `pktinfo`).
 pub fn report_local_addresses(socket: &UdpSocket) -> io::Result<()> {
     pktinfo::enable(socket, socket.local_addr()?.is_ipv6())
+}
+
+/// Makes the socket learn which destinations are unreachable (a client's process died, its host
+/// or network is gone), from the ICMP errors their datagrams draw: the receive loop hands each to
+/// [`Handler::unreachable`]. Without it, Linux reports ICMP errors to a connected socket only.
+/// With it, each error also fails the socket's next send, whatever its destination.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the server turns it on with its presence work (src/server/unreachable.rs on main)"
+    )
+)]
+pub fn report_unreachable(socket: &UdpSocket) -> io::Result<()> {
+    errqueue::enable(socket, socket.local_addr()?.is_ipv6())
 }
 
 /// Every address of this host's interfaces (getifaddrs(3)), for a server bound to a wildcard
@@ -97,12 +113,15 @@ pub fn kernel_drops(socket: &UdpSocket) -> io::Result<u64> {
 }
 
 enum Ready {
-    Socket,
+    /// What poll reported for the socket: some of the events asked for, or POLLERR, which it
+    /// reports whether asked or not, or both.
+    Socket(libc::c_short),
     Stopped,
     TimedOut,
 }
 
-/// Waits until `socket` is ready for `events`, `stop` fires, or `timeout` passes.
+/// Waits until `socket` is ready for `events` or has an error pending (POLLERR: its ICMP error
+/// not yet reported by a call, or entries in its error queue), `stop` fires, or `timeout` passes.
 fn wait(
     socket: &UdpSocket,
     events: libc::c_short,
@@ -144,7 +163,7 @@ fn wait(
             return Ok(Ready::Stopped);
         }
         if fds[0].revents != 0 {
-            return Ok(Ready::Socket);
+            return Ok(Ready::Socket(fds[0].revents));
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(Ready::TimedOut);
@@ -170,7 +189,7 @@ pub fn send(
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 match wait(socket, libc::POLLOUT, stop, Some(SEND_WAIT))? {
-                    Ready::Socket => {}
+                    Ready::Socket(_) => {}
                     Ready::Stopped | Ready::TimedOut => return Err(e),
                 }
             }
@@ -368,13 +387,38 @@ pub trait Handler {
     fn datagram(&mut self, data: &[u8], from: SocketAddr, local: Option<IpAddr>, cut: bool);
     /// Called after each batch, so work can be handed on in one piece.
     fn batch_done(&mut self) {}
-    /// An ICMP error reported on the socket (see [`is_icmp_error`]).
+    /// An ICMP error reported on the socket (see [`is_icmp_error`]) with nothing in its error
+    /// queue to say which peer it concerns: a connected socket's, or one without
+    /// [`report_unreachable`].
     fn icmp(&mut self, error: &io::Error);
+    /// A datagram to `to` drew an ICMP "unreachable" (port: `ConnectionRefused`, host or
+    /// network), read from the error queue of a socket with [`report_unreachable`]. `to` has the
+    /// form the socket gives that peer's datagrams (IPv4-mapped on a dual-stack socket). Each
+    /// error queued is reported once; but hosts rate-limit the ICMP errors they send, so not
+    /// every datagram to a dead peer draws one.
+    fn unreachable(&mut self, _to: SocketAddr, _error: &io::Error) {}
+}
+
+/// Hands each unreachable destination in `socket`'s error queue to `handler`; returns how many.
+fn read_error_queue(
+    socket: &UdpSocket,
+    handler: &mut impl Handler,
+    errors: &mut Throttle,
+) -> usize {
+    match errqueue::read(socket, |to, e| handler.unreachable(to, &e)) {
+        Ok(n) => n,
+        Err(e) => {
+            throttled!(errors, error, "reading the error queue failed: {e}");
+            std::thread::sleep(ERROR_BACKOFF);
+            0
+        }
+    }
 }
 
 /// Receives datagrams and hands them to `handler` until `stop` fires. After each wake-up it reads
 /// until `WouldBlock`, a batch per system call. Errors are logged (rate-limited) and never end
-/// the loop: ICMP errors go to the handler, anything else costs a short back-off.
+/// the loop: ICMP errors go to the handler (from the error queue where the socket has one),
+/// anything else costs a short back-off.
 pub fn receive_loop(
     socket: &UdpSocket,
     inbox: &mut Inbox,
@@ -395,7 +439,14 @@ pub fn receive_loop(
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 match wait(socket, libc::POLLIN, Some(stop), None) {
-                    Ok(Ready::Socket) => {}
+                    // poll says POLLERR for as long as the error queue holds entries, whether
+                    // or not recvmmsg has anything to report (a send on another thread may
+                    // have taken the pending error): read them now, or this loop would spin.
+                    Ok(Ready::Socket(revents)) => {
+                        if revents & libc::POLLERR != 0 {
+                            read_error_queue(socket, handler, &mut errors);
+                        }
+                    }
                     Ok(Ready::Stopped | Ready::TimedOut) => return,
                     Err(e) => {
                         throttled!(errors, error, "poll failed: {e}");
@@ -403,7 +454,14 @@ pub fn receive_loop(
                     }
                 }
             }
-            Err(e) if is_icmp_error(&e) => handler.icmp(&e),
+            // Either the pending error of an entry in the error queue, which says whose it is,
+            // or the only word: on a connected socket, or for an entry that found the queue
+            // full, or one read already (the kernel queues it before it sets the error).
+            Err(e) if is_icmp_error(&e) => {
+                if read_error_queue(socket, handler, &mut errors) == 0 {
+                    handler.icmp(&e);
+                }
+            }
             Err(e) => {
                 throttled!(errors, error, "receive failed: {e}");
                 std::thread::sleep(ERROR_BACKOFF);
@@ -526,7 +584,7 @@ impl Outbox {
             match e.kind() {
                 ErrorKind::Interrupted => {}
                 ErrorKind::WouldBlock => match until.wait_for_room(socket) {
-                    Ok(Ready::Socket) => {}
+                    Ok(Ready::Socket(_)) => {}
                     Ok(Ready::Stopped) => break,
                     // The buffer stayed full: this batch is lost, like a datagram dropped on the wire.
                     Ok(Ready::TimedOut) | Err(_) => {
@@ -853,5 +911,167 @@ mod tests {
         let dropped = kernel_drops(&socket).unwrap();
         assert!(dropped > 0);
         assert_eq!(dropped + received, 200);
+    }
+
+    /// What the receive loop reports of a socket with `report_unreachable`, as it happens.
+    #[derive(Debug, PartialEq)]
+    enum Report {
+        Datagram(SocketAddr),
+        Unreachable(SocketAddr, Option<i32>),
+    }
+
+    struct Reports {
+        tx: crossbeam_channel::Sender<Report>,
+        icmp: usize,
+    }
+
+    impl Handler for Reports {
+        fn datagram(&mut self, _: &[u8], from: SocketAddr, _: Option<IpAddr>, _: bool) {
+            self.tx.send(Report::Datagram(from)).unwrap();
+        }
+        fn icmp(&mut self, _error: &io::Error) {
+            self.icmp += 1;
+        }
+        fn unreachable(&mut self, to: SocketAddr, error: &io::Error) {
+            self.tx
+                .send(Report::Unreachable(to, error.raw_os_error()))
+                .unwrap();
+        }
+    }
+
+    /// Runs the receive loop on `socket` in a thread until the returned stop fires; the thread
+    /// gives back its handler and the CPU time it used.
+    fn spawn_receiver(
+        socket: &Arc<UdpSocket>,
+    ) -> (
+        Arc<Stop>,
+        crossbeam_channel::Receiver<Report>,
+        std::thread::JoinHandle<(Reports, Duration)>,
+    ) {
+        let stop = Arc::new(Stop::new().unwrap());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = {
+            let (socket, stop) = (Arc::clone(socket), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut handler = Reports { tx, icmp: 0 };
+                receive_loop(&socket, &mut Inbox::new(4, 64), &stop, &mut handler);
+                (handler, thread_cpu())
+            })
+        };
+        (stop, rx, thread)
+    }
+
+    /// CPU time (user and system) the calling thread has used.
+    fn thread_cpu() -> Duration {
+        // SAFETY: rusage is plain old data; all-zero is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes one rusage into `usage`.
+        let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        time(usage.ru_utime) + time(usage.ru_stime)
+    }
+
+    /// An address on `ip` where no socket listens: a client whose process died.
+    fn dead_port(ip: IpAddr) -> SocketAddr {
+        UdpSocket::bind(SocketAddr::new(ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Waits (up to 5 s) until poll says `socket` has an error pending.
+    fn wait_for_error(socket: &UdpSocket) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ready::Socket(revents) =
+                wait(socket, libc::POLLIN, None, Some(Duration::from_millis(100))).unwrap()
+            {
+                if revents & libc::POLLERR != 0 {
+                    return;
+                }
+            }
+        }
+        panic!("no ICMP error reported on {:?}", socket.local_addr());
+    }
+
+    #[test]
+    fn an_unreachable_peer_is_reported_at_once_and_the_loop_then_sleeps() {
+        let socket = Arc::new(bind(local(), None).unwrap());
+        report_unreachable(&socket).unwrap();
+        let refused = Some(libc::ECONNREFUSED);
+
+        // The error comes in before the loop runs, and a send takes the pending error first (as
+        // the fan-out thread may): recvmmsg has nothing to say, only poll's POLLERR tells.
+        let first = dead_port(Ipv4Addr::LOCALHOST.into());
+        socket.send_to(b"x", first).unwrap();
+        wait_for_error(&socket);
+        let taken = socket.take_error().unwrap();
+        assert_eq!(taken.map(|e| e.kind()), Some(ErrorKind::ConnectionRefused));
+        let t0 = Instant::now();
+        let (stop, rx, thread) = spawn_receiver(&socket);
+        let got = rx.recv_timeout(Duration::from_secs(1));
+        let first_after = t0.elapsed();
+
+        // The loop is asleep in poll when the next one comes.
+        let second = dead_port(Ipv4Addr::LOCALHOST.into());
+        std::thread::sleep(Duration::from_millis(20));
+        let t1 = Instant::now();
+        send(&socket, b"y", Some(second), None).unwrap();
+        let got_second = rx.recv_timeout(Duration::from_secs(1));
+        let second_after = t1.elapsed();
+
+        // Quiet now. All along, the loop must sleep in poll, not spin on a POLLERR it leaves be.
+        std::thread::sleep(Duration::from_millis(200));
+        stop.fire();
+        let (handler, cpu) = thread.join().unwrap();
+        let lifetime = t0.elapsed();
+        eprintln!(
+            "reported after {first_after:?} and {second_after:?}; the loop used {cpu:?} of CPU \
+             in {lifetime:?}; icmp() calls: {}",
+            handler.icmp
+        );
+        assert_eq!(got, Ok(Report::Unreachable(first, refused)));
+        assert_eq!(got_second, Ok(Report::Unreachable(second, refused)));
+        assert!(first_after < Duration::from_millis(100), "{first_after:?}");
+        assert!(
+            second_after < Duration::from_millis(100),
+            "{second_after:?}"
+        );
+        assert!(cpu < Duration::from_millis(50), "{cpu:?} in {lifetime:?}");
+        assert!(rx.try_recv().is_err(), "each error is reported once");
+    }
+
+    #[test]
+    fn a_dual_stack_socket_names_an_unreachable_ipv4_peer_as_it_names_its_datagrams() {
+        let Ok(socket) = bind("[::]:0".parse().unwrap(), None) else {
+            eprintln!("skipped: no IPv6");
+            return;
+        };
+        if socket2::SockRef::from(&socket).only_v6().unwrap() {
+            eprintln!("skipped: IPv6 sockets are IPv6-only here (net.ipv6.bindv6only)");
+            return;
+        }
+        let socket = Arc::new(socket);
+        report_unreachable(&socket).unwrap();
+        let (stop, rx, thread) = spawn_receiver(&socket);
+        // How recvmmsg names an IPv4 peer on this socket: the server keys its clients so.
+        let peer = UdpSocket::bind(local()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        peer.send_to(b"hi", (Ipv4Addr::LOCALHOST, port)).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        let Ok(Report::Datagram(from)) = got else {
+            panic!("{got:?}");
+        };
+        // A client on that same address whose process is gone, answered as the server would.
+        let gone = dead_port(Ipv4Addr::LOCALHOST.into());
+        let to = SocketAddr::new(from.ip(), gone.port());
+        send(&socket, b"x", Some(to), None).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(1));
+        stop.fire();
+        thread.join().unwrap();
+        assert_eq!(got, Ok(Report::Unreachable(to, Some(libc::ECONNREFUSED))));
+        let mapped = SocketAddr::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(), gone.port());
+        assert_eq!(to, mapped);
     }
 }
