@@ -19,6 +19,10 @@ use pktinfo::Control;
 const SEND_WAIT: Duration = Duration::from_millis(200);
 /// Pause after an unexpected receive error, so a persistent one cannot spin a core.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// How many times in a row a send is tried again after failing with an ICMP error (see
+/// `Retry`): enough to outlast the receive loop re-arming the error while it reads a long error
+/// queue, few enough that forged ICMP errors cannot hold a sender.
+const ICMP_RETRIES: u32 = 64;
 
 /// Binds a non-blocking UDP socket; `rcvbuf` asks for a kernel receive buffer of that many
 /// bytes (the kernel may cap it at net.core.rmem_max).
@@ -41,7 +45,8 @@ pub fn report_local_addresses(socket: &UdpSocket) -> io::Result<()> {
 /// Makes the socket learn which destinations are unreachable (a client's process died, its host
 /// or network is gone), from the ICMP errors their datagrams draw: the receive loop hands each to
 /// [`Handler::unreachable`]. Without it, Linux reports ICMP errors to a connected socket only.
-/// With it, each error also fails the socket's next send, whatever its destination.
+/// With it, each error also fails the socket's next send; [`send_each`] and [`send`] (to an
+/// address) try that datagram again.
 #[cfg_attr(
     not(test),
     expect(
@@ -173,12 +178,17 @@ fn wait(
 
 /// Sends one datagram, to `to` or (None) to the connected peer. If the socket buffer is full it
 /// waits for room, up to `SEND_WAIT` or until `stop` fires, then fails with `WouldBlock`.
+///
+/// An ICMP error is returned to a connected socket's caller: it is about the one peer, which
+/// the caller wants to know. Sent to an address, the datagram is tried again instead, as
+/// [`send_each`] does (see `Retry`): the error concerns some earlier datagram.
 pub fn send(
     socket: &UdpSocket,
     data: &[u8],
     to: Option<SocketAddr>,
     stop: Option<&Stop>,
 ) -> io::Result<()> {
+    let mut retry = Retry::default();
     loop {
         let result = match to {
             Some(addr) => socket.send_to(data, addr),
@@ -193,6 +203,7 @@ pub fn send(
                     Ready::Stopped | Ready::TimedOut => return Err(e),
                 }
             }
+            Err(e) if to.is_some() && retry.again(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -208,6 +219,57 @@ pub fn is_icmp_error(e: &io::Error) -> bool {
             | ErrorKind::HostUnreachable
             | ErrorKind::NetworkUnreachable
     )
+}
+
+/// Tells a send that failed for the socket's pending ICMP error from one that failed for its own
+/// datagram.
+///
+/// With [`report_unreachable`] on, each ICMP error becomes the socket's pending error, which fails
+/// its next send, whatever the datagram, and is consumed by that failure: the same datagram, sent
+/// again as it is, goes out. Which peer the error was about is the receive loop's to learn, from
+/// the error queue; the sender need not read it. `ECONNREFUSED` only ever comes that way. Host
+/// and network unreachable also come at once for the datagram's own sake, when no route leads
+/// to its destination (or from its source address): failing again straight away, it is taken
+/// to be that. Errors forged fast enough to fail every try could hold the sender, so past
+/// `ICMP_RETRIES` in a row without progress nothing more is tried again.
+#[derive(Default)]
+struct Retry {
+    in_a_row: u32,
+    /// The last try of this datagram failed with host or network unreachable.
+    unreachable: bool,
+}
+
+impl Retry {
+    /// Whether a send that failed with `e` should be tried again as it is.
+    fn again(&mut self, e: &io::Error) -> bool {
+        let unreachable = matches!(
+            e.kind(),
+            ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
+        );
+        let again =
+            is_icmp_error(e) && self.in_a_row < ICMP_RETRIES && !(unreachable && self.unreachable);
+        if again {
+            self.in_a_row += 1;
+        }
+        self.unreachable = unreachable;
+        again
+    }
+
+    /// Whether `e`, not to be tried again as it is, may be the datagram's own error (its source
+    /// address gone, say); not an ICMP error once forged ones have used up the retries.
+    fn may_be_own(&self, e: &io::Error) -> bool {
+        !is_icmp_error(e) || self.in_a_row < ICMP_RETRIES
+    }
+
+    /// Something went out.
+    fn progress(&mut self) {
+        *self = Retry::default();
+    }
+
+    /// The next datagram is tried, this one given up.
+    fn next_datagram(&mut self) {
+        self.unreachable = false;
+    }
 }
 
 /// The most messages one `sendmmsg` / `recvmmsg` call takes (the kernel's UIO_MAXIOV).
@@ -533,7 +595,8 @@ impl Outbox {
     /// Sends the queued datagrams, a batch per system call. A destination that fails is counted,
     /// reported to `on_error` and skipped; the rest still go out. A datagram whose source address
     /// cannot be sent from (it left the host since the client registered) goes out once more
-    /// from the address the kernel picks.
+    /// from the address the kernel picks. A datagram refused for an ICMP error, which concerns
+    /// an earlier one, is tried again as it is.
     fn flush(
         &mut self,
         socket: &UdpSocket,
@@ -555,6 +618,7 @@ impl Outbox {
         }
         let mut next = 0;
         let mut gave_up = None;
+        let mut retry = Retry::default();
         while next < self.hdrs.len() {
             if until.stopped() {
                 break;
@@ -578,6 +642,7 @@ impl Outbox {
             if let Ok(n) = usize::try_from(n) {
                 sent.delivered += n as u64;
                 next += n.max(1); // n is never 0 for a non-empty batch; guard against a spin anyway
+                retry.progress();
                 continue;
             }
             let e = io::Error::last_os_error();
@@ -592,7 +657,12 @@ impl Outbox {
                         break;
                     }
                 },
-                _ if !self.controls[next].is_empty() => {
+                // The socket's pending ICMP error, for an earlier datagram, fails whichever send
+                // comes next: when it is the first of this call (a later one only cuts the
+                // count short, and the loop goes on from there), the same message, source
+                // included, is tried again.
+                _ if retry.again(&e) => {}
+                _ if !self.controls[next].is_empty() && retry.may_be_own(&e) => {
                     self.controls[next] = Control::default();
                     self.controls[next].attach(&mut self.hdrs[next].msg_hdr);
                 }
@@ -600,6 +670,7 @@ impl Outbox {
                     sent.failed += 1;
                     on_error(self.names[next].as_socket().expect("an IP address"), e);
                     next += 1;
+                    retry.next_datagram();
                 }
             }
         }
@@ -1040,6 +1111,121 @@ mod tests {
         );
         assert!(cpu < Duration::from_millis(50), "{cpu:?} in {lifetime:?}");
         assert!(rx.try_recv().is_err(), "each error is reported once");
+    }
+
+    /// A socket bound to `any` with `IP_RECVERR` on, and nothing reading its error queue, sends
+    /// to a dead port and to a live one (on `loopback`, from `source`) by turns: each datagram
+    /// to the dead port draws an ICMP error that fails the socket's next send. Every datagram
+    /// to the live port must still arrive, from `source`. Returns how many errors were queued.
+    fn send_by_turns(any: &str, loopback: IpAddr, source: Option<IpAddr>) -> usize {
+        let socket = bind(any.parse().unwrap(), None).unwrap();
+        report_unreachable(&socket).unwrap();
+        let live = UdpSocket::bind(SocketAddr::new(loopback, 0)).unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to = live.local_addr().unwrap();
+        let dead = dead_port(loopback);
+        let case = format!("from {any} to {loopback} via {source:?}");
+        let mut failed_live = Vec::new();
+        let mut on_error = |addr: SocketAddr, e: io::Error| {
+            if addr == to {
+                failed_live.push(e.to_string());
+            }
+        };
+        let rounds = 200u32;
+        let datagrams: Vec<[u8; 4]> = (0..rounds).map(u32::to_be_bytes).collect();
+        let expect_all = |how: &str| {
+            let mut buf = [0u8; 8];
+            for d in &datagrams {
+                let (n, from) = live
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("{case}, {how}: {d:?} lost: {e}"));
+                let from_ip = source.unwrap_or(loopback);
+                assert_eq!((&buf[..n], from.ip()), (&d[..], from_ip), "{case}, {how}");
+            }
+        };
+        let mut send_all = |pairs: &[(&[u8], SocketAddr, Option<IpAddr>)]| {
+            let pairs = pairs.iter().copied();
+            send_each(
+                &socket,
+                &mut Outbox::default(),
+                pairs,
+                Until::default(),
+                &mut on_error,
+            )
+        };
+
+        // A call per datagram: each one to the live port is the first of its call.
+        let mut live_sent = Sent::default();
+        for d in &datagrams {
+            send_all(&[(b"dead", dead, source)]);
+            let sent = send_all(&[(d, to, source)]);
+            live_sent.delivered += sent.delivered;
+            live_sent.failed += sent.failed;
+        }
+        let all = Sent {
+            delivered: rounds.into(),
+            failed: 0,
+        };
+        assert_eq!(live_sent, all, "{case}");
+        expect_all("a call each");
+
+        // All in one call. On loopback each error comes in during the call: it fails the
+        // next message, which only cuts the call's count short, and the loop goes on from there.
+        let pairs: Vec<_> = datagrams
+            .iter()
+            .flat_map(|d| [(&b"dead"[..], dead, source), (&d[..], to, source)])
+            .collect();
+        let sent = send_all(&pairs);
+        eprintln!("{case}, one call: {sent:?}");
+        expect_all("one call");
+        assert_eq!(failed_live, Vec::<String>::new(), "{case}");
+
+        // Proof that the traps were there: the errors the dead port drew (as many as the
+        // socket's receive buffer holds).
+        errqueue::read(&socket, |to, _| assert_eq!(to, dead)).unwrap()
+    }
+
+    #[test]
+    fn a_pending_icmp_error_costs_no_live_peer_its_datagram() {
+        let v4 = IpAddr::from(Ipv4Addr::LOCALHOST);
+        // From 127.0.0.2, which a datagram sent again without its source would not come from.
+        for (any, source) in [
+            ("127.0.0.1:0", None),
+            ("0.0.0.0:0", Some(Ipv4Addr::new(127, 0, 0, 2).into())),
+        ] {
+            let queued = send_by_turns(any, v4, source);
+            eprintln!("{any}: {queued} ICMP errors queued for 400 datagrams to a dead port");
+            assert!(queued > 0);
+        }
+        let v6 = IpAddr::from(Ipv6Addr::LOCALHOST);
+        if UdpSocket::bind(SocketAddr::new(v6, 0)).is_err() {
+            eprintln!("skipped IPv6: ::1 is not available");
+            return;
+        }
+        for (any, source) in [("[::1]:0", None), ("[::]:0", Some(v6))] {
+            let queued = send_by_turns(any, v6, source);
+            eprintln!("{any}: {queued} ICMP errors queued for 400 datagrams to a dead port");
+            assert!(queued > 0);
+        }
+    }
+
+    #[test]
+    fn a_datagram_sent_to_an_address_goes_out_despite_a_pending_icmp_error() {
+        let socket = bind(local(), None).unwrap();
+        report_unreachable(&socket).unwrap();
+        send(
+            &socket,
+            b"x",
+            Some(dead_port(Ipv4Addr::LOCALHOST.into())),
+            None,
+        )
+        .unwrap();
+        wait_for_error(&socket);
+        let live = UdpSocket::bind(local()).unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        send(&socket, b"live", Some(live.local_addr().unwrap()), None).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(live.recv(&mut buf).unwrap(), 4);
     }
 
     #[test]
