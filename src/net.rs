@@ -19,6 +19,9 @@ use pktinfo::Control;
 const SEND_WAIT: Duration = Duration::from_millis(200);
 /// Pause after an unexpected receive error, so a persistent one cannot spin a core.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// How often a send waiting for room looks again while poll reports only an error (see
+/// `wait_for_room`).
+const ERROR_PAUSE: Duration = Duration::from_millis(1);
 /// How many times in a row a send is tried again after failing with an ICMP error (see
 /// `Retry`): enough to outlast the receive loop re-arming the error while it reads a long error
 /// queue, few enough that forged ICMP errors cannot hold a sender.
@@ -176,6 +179,29 @@ fn wait(
     }
 }
 
+/// Waits for room in `socket`'s send buffer, up to `timeout` or until `stop` fires.
+///
+/// poll also wakes for a pending error (POLLERR), room or not. A pending ICMP error is reported
+/// by the next send anyway; but entries in the error queue (`report_unreachable`) keep POLLERR
+/// up until the receive loop reads them, so while poll reports nothing else, this looks again
+/// every `ERROR_PAUSE` rather than spin.
+fn wait_for_room(socket: &UdpSocket, stop: Option<&Stop>, timeout: Duration) -> io::Result<Ready> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wait(socket, libc::POLLOUT, stop, Some(left))? {
+            Ready::Socket(revents) if revents & libc::POLLOUT == 0 => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Ready::TimedOut);
+                }
+                std::thread::sleep(ERROR_PAUSE.min(left));
+            }
+            ready => return Ok(ready),
+        }
+    }
+}
+
 /// Sends one datagram, to `to` or (None) to the connected peer. If the socket buffer is full it
 /// waits for room, up to `SEND_WAIT` or until `stop` fires, then fails with `WouldBlock`.
 ///
@@ -198,7 +224,7 @@ pub fn send(
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                match wait(socket, libc::POLLOUT, stop, Some(SEND_WAIT))? {
+                match wait_for_room(socket, stop, SEND_WAIT)? {
                     Ready::Socket(_) => {}
                     Ready::Stopped | Ready::TimedOut => return Err(e),
                 }
@@ -580,7 +606,7 @@ impl Until<'_> {
         if let Some(deadline) = self.deadline {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
-        wait(socket, libc::POLLOUT, self.stop, Some(timeout))
+        wait_for_room(socket, self.stop, timeout)
     }
 }
 
