@@ -26,6 +26,10 @@ const ERROR_PAUSE: Duration = Duration::from_millis(1);
 /// `Retry`): enough to outlast the receive loop re-arming the error while it reads a long error
 /// queue, few enough that forged ICMP errors cannot hold a sender.
 const ICMP_RETRIES: u32 = 64;
+/// The longest the receive loop goes on reading datagrams without reading the error queue: its
+/// entries are charged to the socket's receive buffer (a full queue made a socket drop 99 of
+/// 100 datagrams), and poll, which tells of them, is only called once no datagram is waiting.
+const ERROR_QUEUE_EVERY: Duration = Duration::from_millis(10);
 
 /// Binds a non-blocking UDP socket; `rcvbuf` asks for a kernel receive buffer of that many
 /// bytes (the kernel may cap it at net.core.rmem_max).
@@ -514,6 +518,7 @@ pub fn receive_loop(
     handler: &mut impl Handler,
 ) {
     let mut errors = Throttle::default();
+    let mut queue_read = Instant::now();
     while !stop.fired() {
         match inbox.recv(socket) {
             Ok(_) => {
@@ -523,6 +528,10 @@ pub fn receive_loop(
                     }
                 }
                 handler.batch_done();
+                if queue_read.elapsed() >= ERROR_QUEUE_EVERY {
+                    read_error_queue(socket, handler, &mut errors);
+                    queue_read = Instant::now();
+                }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -1020,10 +1029,13 @@ mod tests {
     struct Reports {
         tx: crossbeam_channel::Sender<Report>,
         icmp: usize,
+        /// How long each datagram keeps the loop busy.
+        work: Duration,
     }
 
     impl Handler for Reports {
         fn datagram(&mut self, _: &[u8], from: SocketAddr, _: Option<IpAddr>, _: bool) {
+            std::thread::sleep(self.work);
             self.tx.send(Report::Datagram(from)).unwrap();
         }
         fn icmp(&mut self, _error: &io::Error) {
@@ -1036,10 +1048,11 @@ mod tests {
         }
     }
 
-    /// Runs the receive loop on `socket` in a thread until the returned stop fires; the thread
-    /// gives back its handler and the CPU time it used.
+    /// Runs the receive loop on `socket` in a thread until the returned stop fires, each
+    /// datagram taking it `work`; the thread gives back its handler and the CPU time it used.
     fn spawn_receiver(
         socket: &Arc<UdpSocket>,
+        work: Duration,
     ) -> (
         Arc<Stop>,
         crossbeam_channel::Receiver<Report>,
@@ -1050,7 +1063,7 @@ mod tests {
         let thread = {
             let (socket, stop) = (Arc::clone(socket), Arc::clone(&stop));
             std::thread::spawn(move || {
-                let mut handler = Reports { tx, icmp: 0 };
+                let mut handler = Reports { tx, icmp: 0, work };
                 receive_loop(&socket, &mut Inbox::new(4, 64), &stop, &mut handler);
                 (handler, thread_cpu())
             })
@@ -1106,7 +1119,7 @@ mod tests {
         let taken = socket.take_error().unwrap();
         assert_eq!(taken.map(|e| e.kind()), Some(ErrorKind::ConnectionRefused));
         let t0 = Instant::now();
-        let (stop, rx, thread) = spawn_receiver(&socket);
+        let (stop, rx, thread) = spawn_receiver(&socket, Duration::ZERO);
         let got = rx.recv_timeout(Duration::from_secs(1));
         let first_after = t0.elapsed();
 
@@ -1266,7 +1279,7 @@ mod tests {
         }
         let socket = Arc::new(socket);
         report_unreachable(&socket).unwrap();
-        let (stop, rx, thread) = spawn_receiver(&socket);
+        let (stop, rx, thread) = spawn_receiver(&socket, Duration::ZERO);
         // How recvmmsg names an IPv4 peer on this socket: the server keys its clients so.
         let peer = UdpSocket::bind(local()).unwrap();
         let port = socket.local_addr().unwrap().port();
@@ -1285,5 +1298,37 @@ mod tests {
         assert_eq!(got, Ok(Report::Unreachable(to, Some(libc::ECONNREFUSED))));
         let mapped = SocketAddr::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(), gone.port());
         assert_eq!(to, mapped);
+    }
+
+    #[test]
+    fn a_busy_receive_loop_still_reads_the_error_queue() {
+        let socket = Arc::new(bind(local(), None).unwrap());
+        report_unreachable(&socket).unwrap();
+        let peer = UdpSocket::bind(local()).unwrap();
+        let waiting = 200;
+        for i in 0..waiting {
+            peer.send_to(&[i as u8], socket.local_addr().unwrap())
+                .unwrap();
+        }
+        // The error's entry is queued, and a send takes the pending error (the fan-out thread
+        // does so at once when the ICMP error comes in during its own sendmmsg).
+        let gone = dead_port(Ipv4Addr::LOCALHOST.into());
+        socket.send_to(b"x", gone).unwrap();
+        wait_for_error(&socket);
+        assert!(socket.take_error().unwrap().is_some());
+        // A millisecond a datagram: the loop finds one waiting each time for 200 ms.
+        let (stop, rx, thread) = spawn_receiver(&socket, Duration::from_millis(1));
+        let mut before = 0;
+        let report = loop {
+            match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+                Report::Datagram(_) => before += 1,
+                report => break report,
+            }
+        };
+        stop.fire();
+        thread.join().unwrap();
+        eprintln!("reported after {before} of {waiting} datagrams");
+        assert_eq!(report, Report::Unreachable(gone, Some(libc::ECONNREFUSED)));
+        assert!(before < waiting, "reported only once the loop was idle");
     }
 }
