@@ -1,6 +1,7 @@
 //! Socket plumbing shared by the server and the client: non-blocking UDP sockets driven by
 //! `poll(2)` together with the stop pipe, so a blocked receiver wakes the moment `stop()` fires.
 
+mod errqueue;
 mod pktinfo;
 
 use std::io::{self, ErrorKind};
@@ -18,6 +19,17 @@ use pktinfo::Control;
 const SEND_WAIT: Duration = Duration::from_millis(200);
 /// Pause after an unexpected receive error, so a persistent one cannot spin a core.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
+/// How often a send waiting for room looks again while poll reports only an error (see
+/// `wait_for_room`).
+const ERROR_PAUSE: Duration = Duration::from_millis(1);
+/// How many times in a row a send is tried again after failing with an ICMP error (see
+/// `Retry`): enough to outlast the receive loop re-arming the error while it reads a long error
+/// queue, few enough that forged ICMP errors cannot hold a sender.
+const ICMP_RETRIES: u32 = 64;
+/// The longest the receive loop goes on reading datagrams without reading the error queue: its
+/// entries are charged to the socket's receive buffer (a full queue made a socket drop 99 of
+/// 100 datagrams), and poll, which tells of them, is only called once no datagram is waiting.
+const ERROR_QUEUE_EVERY: Duration = Duration::from_millis(10);
 
 /// Binds a non-blocking UDP socket; `rcvbuf` asks for a kernel receive buffer of that many
 /// bytes (the kernel may cap it at net.core.rmem_max).
@@ -35,6 +47,22 @@ pub fn bind(addr: SocketAddr, rcvbuf: Option<usize>) -> io::Result<UdpSocket> {
 /// socket bound to a wildcard address can answer from it (see `pktinfo`).
 pub fn report_local_addresses(socket: &UdpSocket) -> io::Result<()> {
     pktinfo::enable(socket, socket.local_addr()?.is_ipv6())
+}
+
+/// Makes the socket learn which destinations are unreachable (a client's process died, its host
+/// or network is gone), from the ICMP errors their datagrams draw: the receive loop hands each to
+/// [`Handler::unreachable`]. Without it, Linux reports ICMP errors to a connected socket only.
+/// With it, each error also fails the socket's next send; [`send_each`] and [`send`] (to an
+/// address) try that datagram again.
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "the server turns it on with its presence work (src/server/unreachable.rs on main)"
+    )
+)]
+pub fn report_unreachable(socket: &UdpSocket) -> io::Result<()> {
+    errqueue::enable(socket, socket.local_addr()?.is_ipv6())
 }
 
 /// Every address of this host's interfaces (getifaddrs(3)), for a server bound to a wildcard
@@ -97,12 +125,15 @@ pub fn kernel_drops(socket: &UdpSocket) -> io::Result<u64> {
 }
 
 enum Ready {
-    Socket,
+    /// What poll reported for the socket: some of the events asked for, or POLLERR, which it
+    /// reports whether asked or not, or both.
+    Socket(libc::c_short),
     Stopped,
     TimedOut,
 }
 
-/// Waits until `socket` is ready for `events`, `stop` fires, or `timeout` passes.
+/// Waits until `socket` is ready for `events` or has an error pending (POLLERR: its ICMP error
+/// not yet reported by a call, or entries in its error queue), `stop` fires, or `timeout` passes.
 fn wait(
     socket: &UdpSocket,
     events: libc::c_short,
@@ -144,7 +175,7 @@ fn wait(
             return Ok(Ready::Stopped);
         }
         if fds[0].revents != 0 {
-            return Ok(Ready::Socket);
+            return Ok(Ready::Socket(fds[0].revents));
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(Ready::TimedOut);
@@ -152,14 +183,42 @@ fn wait(
     }
 }
 
+/// Waits for room in `socket`'s send buffer, up to `timeout` or until `stop` fires.
+///
+/// poll also wakes for a pending error (POLLERR), room or not. A pending ICMP error is reported
+/// by the next send anyway; but entries in the error queue (`report_unreachable`) keep POLLERR
+/// up until the receive loop reads them, so while poll reports nothing else, this looks again
+/// every `ERROR_PAUSE` rather than spin.
+fn wait_for_room(socket: &UdpSocket, stop: Option<&Stop>, timeout: Duration) -> io::Result<Ready> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match wait(socket, libc::POLLOUT, stop, Some(left))? {
+            Ready::Socket(revents) if revents & libc::POLLOUT == 0 => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(Ready::TimedOut);
+                }
+                std::thread::sleep(ERROR_PAUSE.min(left));
+            }
+            ready => return Ok(ready),
+        }
+    }
+}
+
 /// Sends one datagram, to `to` or (None) to the connected peer. If the socket buffer is full it
 /// waits for room, up to `SEND_WAIT` or until `stop` fires, then fails with `WouldBlock`.
+///
+/// An ICMP error is returned to a connected socket's caller: it is about the one peer, which
+/// the caller wants to know. Sent to an address, the datagram is tried again instead, as
+/// [`send_each`] does (see `Retry`): the error concerns some earlier datagram.
 pub fn send(
     socket: &UdpSocket,
     data: &[u8],
     to: Option<SocketAddr>,
     stop: Option<&Stop>,
 ) -> io::Result<()> {
+    let mut retry = Retry::default();
     loop {
         let result = match to {
             Some(addr) => socket.send_to(data, addr),
@@ -169,11 +228,12 @@ pub fn send(
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                match wait(socket, libc::POLLOUT, stop, Some(SEND_WAIT))? {
-                    Ready::Socket => {}
+                match wait_for_room(socket, stop, SEND_WAIT)? {
+                    Ready::Socket(_) => {}
                     Ready::Stopped | Ready::TimedOut => return Err(e),
                 }
             }
+            Err(e) if to.is_some() && retry.again(&e) => {}
             Err(e) => return Err(e),
         }
     }
@@ -189,6 +249,57 @@ pub fn is_icmp_error(e: &io::Error) -> bool {
             | ErrorKind::HostUnreachable
             | ErrorKind::NetworkUnreachable
     )
+}
+
+/// Tells a send that failed for the socket's pending ICMP error from one that failed for its own
+/// datagram.
+///
+/// With [`report_unreachable`] on, each ICMP error becomes the socket's pending error, which fails
+/// its next send, whatever the datagram, and is consumed by that failure: the same datagram, sent
+/// again as it is, goes out. Which peer the error was about is the receive loop's to learn, from
+/// the error queue; the sender need not read it. `ECONNREFUSED` only ever comes that way. Host
+/// and network unreachable also come at once for the datagram's own sake, when no route leads
+/// to its destination (or from its source address): failing again straight away, it is taken
+/// to be that. Errors forged fast enough to fail every try could hold the sender, so past
+/// `ICMP_RETRIES` in a row without progress nothing more is tried again.
+#[derive(Default)]
+struct Retry {
+    in_a_row: u32,
+    /// The last try of this datagram failed with host or network unreachable.
+    unreachable: bool,
+}
+
+impl Retry {
+    /// Whether a send that failed with `e` should be tried again as it is.
+    fn again(&mut self, e: &io::Error) -> bool {
+        let unreachable = matches!(
+            e.kind(),
+            ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
+        );
+        let again =
+            is_icmp_error(e) && self.in_a_row < ICMP_RETRIES && !(unreachable && self.unreachable);
+        if again {
+            self.in_a_row += 1;
+        }
+        self.unreachable = unreachable;
+        again
+    }
+
+    /// Whether `e`, not to be tried again as it is, may be the datagram's own error (its source
+    /// address gone, say); not an ICMP error once forged ones have used up the retries.
+    fn may_be_own(&self, e: &io::Error) -> bool {
+        !is_icmp_error(e) || self.in_a_row < ICMP_RETRIES
+    }
+
+    /// Something went out.
+    fn progress(&mut self) {
+        *self = Retry::default();
+    }
+
+    /// The next datagram is tried, this one given up.
+    fn next_datagram(&mut self) {
+        self.unreachable = false;
+    }
 }
 
 /// The most messages one `sendmmsg` / `recvmmsg` call takes (the kernel's UIO_MAXIOV).
@@ -368,13 +479,38 @@ pub trait Handler {
     fn datagram(&mut self, data: &[u8], from: SocketAddr, local: Option<IpAddr>, cut: bool);
     /// Called after each batch, so work can be handed on in one piece.
     fn batch_done(&mut self) {}
-    /// An ICMP error reported on the socket (see [`is_icmp_error`]).
+    /// An ICMP error reported on the socket (see [`is_icmp_error`]) with nothing in its error
+    /// queue to say which peer it concerns: a connected socket's, or one without
+    /// [`report_unreachable`].
     fn icmp(&mut self, error: &io::Error);
+    /// A datagram to `to` drew an ICMP "unreachable" (port: `ConnectionRefused`, host or
+    /// network), read from the error queue of a socket with [`report_unreachable`]. `to` has the
+    /// form the socket gives that peer's datagrams (IPv4-mapped on a dual-stack socket). Each
+    /// error queued is reported once; but hosts rate-limit the ICMP errors they send, so not
+    /// every datagram to a dead peer draws one.
+    fn unreachable(&mut self, _to: SocketAddr, _error: &io::Error) {}
+}
+
+/// Hands each unreachable destination in `socket`'s error queue to `handler`; returns how many.
+fn read_error_queue(
+    socket: &UdpSocket,
+    handler: &mut impl Handler,
+    errors: &mut Throttle,
+) -> usize {
+    match errqueue::read(socket, |to, e| handler.unreachable(to, &e)) {
+        Ok(n) => n,
+        Err(e) => {
+            throttled!(errors, error, "reading the error queue failed: {e}");
+            std::thread::sleep(ERROR_BACKOFF);
+            0
+        }
+    }
 }
 
 /// Receives datagrams and hands them to `handler` until `stop` fires. After each wake-up it reads
 /// until `WouldBlock`, a batch per system call. Errors are logged (rate-limited) and never end
-/// the loop: ICMP errors go to the handler, anything else costs a short back-off.
+/// the loop: ICMP errors go to the handler (from the error queue where the socket has one),
+/// anything else costs a short back-off.
 pub fn receive_loop(
     socket: &UdpSocket,
     inbox: &mut Inbox,
@@ -382,6 +518,7 @@ pub fn receive_loop(
     handler: &mut impl Handler,
 ) {
     let mut errors = Throttle::default();
+    let mut queue_read = Instant::now();
     while !stop.fired() {
         match inbox.recv(socket) {
             Ok(_) => {
@@ -391,11 +528,22 @@ pub fn receive_loop(
                     }
                 }
                 handler.batch_done();
+                if queue_read.elapsed() >= ERROR_QUEUE_EVERY {
+                    read_error_queue(socket, handler, &mut errors);
+                    queue_read = Instant::now();
+                }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
                 match wait(socket, libc::POLLIN, Some(stop), None) {
-                    Ok(Ready::Socket) => {}
+                    // poll says POLLERR for as long as the error queue holds entries, whether
+                    // or not recvmmsg has anything to report (a send on another thread may
+                    // have taken the pending error): read them now, or this loop would spin.
+                    Ok(Ready::Socket(revents)) => {
+                        if revents & libc::POLLERR != 0 {
+                            read_error_queue(socket, handler, &mut errors);
+                        }
+                    }
                     Ok(Ready::Stopped | Ready::TimedOut) => return,
                     Err(e) => {
                         throttled!(errors, error, "poll failed: {e}");
@@ -403,7 +551,14 @@ pub fn receive_loop(
                     }
                 }
             }
-            Err(e) if is_icmp_error(&e) => handler.icmp(&e),
+            // Either the pending error of an entry in the error queue, which says whose it is,
+            // or the only word: on a connected socket, or for an entry that found the queue
+            // full, or one read already (the kernel queues it before it sets the error).
+            Err(e) if is_icmp_error(&e) => {
+                if read_error_queue(socket, handler, &mut errors) == 0 {
+                    handler.icmp(&e);
+                }
+            }
             Err(e) => {
                 throttled!(errors, error, "receive failed: {e}");
                 std::thread::sleep(ERROR_BACKOFF);
@@ -460,7 +615,7 @@ impl Until<'_> {
         if let Some(deadline) = self.deadline {
             timeout = timeout.min(deadline.saturating_duration_since(Instant::now()));
         }
-        wait(socket, libc::POLLOUT, self.stop, Some(timeout))
+        wait_for_room(socket, self.stop, timeout)
     }
 }
 
@@ -475,7 +630,8 @@ impl Outbox {
     /// Sends the queued datagrams, a batch per system call. A destination that fails is counted,
     /// reported to `on_error` and skipped; the rest still go out. A datagram whose source address
     /// cannot be sent from (it left the host since the client registered) goes out once more
-    /// from the address the kernel picks.
+    /// from the address the kernel picks. A datagram refused for an ICMP error, which concerns
+    /// an earlier one, is tried again as it is.
     fn flush(
         &mut self,
         socket: &UdpSocket,
@@ -497,6 +653,7 @@ impl Outbox {
         }
         let mut next = 0;
         let mut gave_up = None;
+        let mut retry = Retry::default();
         while next < self.hdrs.len() {
             if until.stopped() {
                 break;
@@ -520,13 +677,14 @@ impl Outbox {
             if let Ok(n) = usize::try_from(n) {
                 sent.delivered += n as u64;
                 next += n.max(1); // n is never 0 for a non-empty batch; guard against a spin anyway
+                retry.progress();
                 continue;
             }
             let e = io::Error::last_os_error();
             match e.kind() {
                 ErrorKind::Interrupted => {}
                 ErrorKind::WouldBlock => match until.wait_for_room(socket) {
-                    Ok(Ready::Socket) => {}
+                    Ok(Ready::Socket(_)) => {}
                     Ok(Ready::Stopped) => break,
                     // The buffer stayed full: this batch is lost, like a datagram dropped on the wire.
                     Ok(Ready::TimedOut) | Err(_) => {
@@ -534,7 +692,12 @@ impl Outbox {
                         break;
                     }
                 },
-                _ if !self.controls[next].is_empty() => {
+                // The socket's pending ICMP error, for an earlier datagram, fails whichever send
+                // comes next: when it is the first of this call (a later one only cuts the
+                // count short, and the loop goes on from there), the same message, source
+                // included, is tried again.
+                _ if retry.again(&e) => {}
+                _ if !self.controls[next].is_empty() && retry.may_be_own(&e) => {
                     self.controls[next] = Control::default();
                     self.controls[next].attach(&mut self.hdrs[next].msg_hdr);
                 }
@@ -542,6 +705,7 @@ impl Outbox {
                     sent.failed += 1;
                     on_error(self.names[next].as_socket().expect("an IP address"), e);
                     next += 1;
+                    retry.next_datagram();
                 }
             }
         }
@@ -853,5 +1017,318 @@ mod tests {
         let dropped = kernel_drops(&socket).unwrap();
         assert!(dropped > 0);
         assert_eq!(dropped + received, 200);
+    }
+
+    /// What the receive loop reports of a socket with `report_unreachable`, as it happens.
+    #[derive(Debug, PartialEq)]
+    enum Report {
+        Datagram(SocketAddr),
+        Unreachable(SocketAddr, Option<i32>),
+    }
+
+    struct Reports {
+        tx: crossbeam_channel::Sender<Report>,
+        icmp: usize,
+        /// How long each datagram keeps the loop busy.
+        work: Duration,
+    }
+
+    impl Handler for Reports {
+        fn datagram(&mut self, _: &[u8], from: SocketAddr, _: Option<IpAddr>, _: bool) {
+            std::thread::sleep(self.work);
+            self.tx.send(Report::Datagram(from)).unwrap();
+        }
+        fn icmp(&mut self, _error: &io::Error) {
+            self.icmp += 1;
+        }
+        fn unreachable(&mut self, to: SocketAddr, error: &io::Error) {
+            self.tx
+                .send(Report::Unreachable(to, error.raw_os_error()))
+                .unwrap();
+        }
+    }
+
+    /// Runs the receive loop on `socket` in a thread until the returned stop fires, each
+    /// datagram taking it `work`; the thread gives back its handler and the CPU time it used.
+    fn spawn_receiver(
+        socket: &Arc<UdpSocket>,
+        work: Duration,
+    ) -> (
+        Arc<Stop>,
+        crossbeam_channel::Receiver<Report>,
+        std::thread::JoinHandle<(Reports, Duration)>,
+    ) {
+        let stop = Arc::new(Stop::new().unwrap());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = {
+            let (socket, stop) = (Arc::clone(socket), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut handler = Reports { tx, icmp: 0, work };
+                receive_loop(&socket, &mut Inbox::new(4, 64), &stop, &mut handler);
+                (handler, thread_cpu())
+            })
+        };
+        (stop, rx, thread)
+    }
+
+    /// CPU time (user and system) the calling thread has used.
+    fn thread_cpu() -> Duration {
+        // SAFETY: rusage is plain old data; all-zero is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage writes one rusage into `usage`.
+        let r = unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        assert_eq!(r, 0, "{}", io::Error::last_os_error());
+        let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        time(usage.ru_utime) + time(usage.ru_stime)
+    }
+
+    /// An address on `ip` where no socket listens: a client whose process died.
+    fn dead_port(ip: IpAddr) -> SocketAddr {
+        UdpSocket::bind(SocketAddr::new(ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    }
+
+    /// Waits (up to 5 s) until poll says `socket` has an error pending.
+    fn wait_for_error(socket: &UdpSocket) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ready::Socket(revents) =
+                wait(socket, libc::POLLIN, None, Some(Duration::from_millis(100))).unwrap()
+            {
+                if revents & libc::POLLERR != 0 {
+                    return;
+                }
+            }
+        }
+        panic!("no ICMP error reported on {:?}", socket.local_addr());
+    }
+
+    #[test]
+    fn an_unreachable_peer_is_reported_at_once_and_the_loop_then_sleeps() {
+        let socket = Arc::new(bind(local(), None).unwrap());
+        report_unreachable(&socket).unwrap();
+        let refused = Some(libc::ECONNREFUSED);
+
+        // The error comes in before the loop runs, and a send takes the pending error first (as
+        // the fan-out thread may): recvmmsg has nothing to say, only poll's POLLERR tells.
+        let first = dead_port(Ipv4Addr::LOCALHOST.into());
+        socket.send_to(b"x", first).unwrap();
+        wait_for_error(&socket);
+        let taken = socket.take_error().unwrap();
+        assert_eq!(taken.map(|e| e.kind()), Some(ErrorKind::ConnectionRefused));
+        let t0 = Instant::now();
+        let (stop, rx, thread) = spawn_receiver(&socket, Duration::ZERO);
+        let got = rx.recv_timeout(Duration::from_secs(1));
+        let first_after = t0.elapsed();
+
+        // The loop is asleep in poll when the next one comes.
+        let second = dead_port(Ipv4Addr::LOCALHOST.into());
+        std::thread::sleep(Duration::from_millis(20));
+        let t1 = Instant::now();
+        send(&socket, b"y", Some(second), None).unwrap();
+        let got_second = rx.recv_timeout(Duration::from_secs(1));
+        let second_after = t1.elapsed();
+
+        // Quiet now. All along, the loop must sleep in poll, not spin on a POLLERR it leaves be.
+        std::thread::sleep(Duration::from_millis(200));
+        stop.fire();
+        let (handler, cpu) = thread.join().unwrap();
+        let lifetime = t0.elapsed();
+        eprintln!(
+            "reported after {first_after:?} and {second_after:?}; the loop used {cpu:?} of CPU \
+             in {lifetime:?}; icmp() calls: {}",
+            handler.icmp
+        );
+        assert_eq!(got, Ok(Report::Unreachable(first, refused)));
+        assert_eq!(got_second, Ok(Report::Unreachable(second, refused)));
+        assert!(first_after < Duration::from_millis(100), "{first_after:?}");
+        assert!(
+            second_after < Duration::from_millis(100),
+            "{second_after:?}"
+        );
+        assert!(cpu < Duration::from_millis(50), "{cpu:?} in {lifetime:?}");
+        assert!(rx.try_recv().is_err(), "each error is reported once");
+    }
+
+    /// A socket bound to `any` with `IP_RECVERR` on, and nothing reading its error queue, sends
+    /// to a dead port and to a live one (on `loopback`, from `source`) by turns: each datagram
+    /// to the dead port draws an ICMP error that fails the socket's next send. Every datagram
+    /// to the live port must still arrive, from `source`. Returns how many errors were queued.
+    fn send_by_turns(any: &str, loopback: IpAddr, source: Option<IpAddr>) -> usize {
+        let socket = bind(any.parse().unwrap(), None).unwrap();
+        report_unreachable(&socket).unwrap();
+        let live = UdpSocket::bind(SocketAddr::new(loopback, 0)).unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let to = live.local_addr().unwrap();
+        let dead = dead_port(loopback);
+        let case = format!("from {any} to {loopback} via {source:?}");
+        let mut failed_live = Vec::new();
+        let mut on_error = |addr: SocketAddr, e: io::Error| {
+            if addr == to {
+                failed_live.push(e.to_string());
+            }
+        };
+        let rounds = 200u32;
+        let datagrams: Vec<[u8; 4]> = (0..rounds).map(u32::to_be_bytes).collect();
+        let expect_all = |how: &str| {
+            let mut buf = [0u8; 8];
+            for d in &datagrams {
+                let (n, from) = live
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("{case}, {how}: {d:?} lost: {e}"));
+                let from_ip = source.unwrap_or(loopback);
+                assert_eq!((&buf[..n], from.ip()), (&d[..], from_ip), "{case}, {how}");
+            }
+        };
+        let mut send_all = |pairs: &[(&[u8], SocketAddr, Option<IpAddr>)]| {
+            let pairs = pairs.iter().copied();
+            send_each(
+                &socket,
+                &mut Outbox::default(),
+                pairs,
+                Until::default(),
+                &mut on_error,
+            )
+        };
+
+        // A call per datagram: each one to the live port is the first of its call.
+        let mut live_sent = Sent::default();
+        for d in &datagrams {
+            send_all(&[(b"dead", dead, source)]);
+            let sent = send_all(&[(d, to, source)]);
+            live_sent.delivered += sent.delivered;
+            live_sent.failed += sent.failed;
+        }
+        let all = Sent {
+            delivered: rounds.into(),
+            failed: 0,
+        };
+        assert_eq!(live_sent, all, "{case}");
+        expect_all("a call each");
+
+        // All in one call. On loopback each error comes in during the call: it fails the
+        // next message, which only cuts the call's count short, and the loop goes on from there.
+        let pairs: Vec<_> = datagrams
+            .iter()
+            .flat_map(|d| [(&b"dead"[..], dead, source), (&d[..], to, source)])
+            .collect();
+        let sent = send_all(&pairs);
+        eprintln!("{case}, one call: {sent:?}");
+        expect_all("one call");
+        assert_eq!(failed_live, Vec::<String>::new(), "{case}");
+
+        // Proof that the traps were there: the errors the dead port drew (as many as the
+        // socket's receive buffer holds).
+        errqueue::read(&socket, |to, _| assert_eq!(to, dead)).unwrap()
+    }
+
+    #[test]
+    fn a_pending_icmp_error_costs_no_live_peer_its_datagram() {
+        let v4 = IpAddr::from(Ipv4Addr::LOCALHOST);
+        // From 127.0.0.2, which a datagram sent again without its source would not come from.
+        for (any, source) in [
+            ("127.0.0.1:0", None),
+            ("0.0.0.0:0", Some(Ipv4Addr::new(127, 0, 0, 2).into())),
+        ] {
+            let queued = send_by_turns(any, v4, source);
+            eprintln!("{any}: {queued} ICMP errors queued for 400 datagrams to a dead port");
+            assert!(queued > 0);
+        }
+        let v6 = IpAddr::from(Ipv6Addr::LOCALHOST);
+        if UdpSocket::bind(SocketAddr::new(v6, 0)).is_err() {
+            eprintln!("skipped IPv6: ::1 is not available");
+            return;
+        }
+        for (any, source) in [("[::1]:0", None), ("[::]:0", Some(v6))] {
+            let queued = send_by_turns(any, v6, source);
+            eprintln!("{any}: {queued} ICMP errors queued for 400 datagrams to a dead port");
+            assert!(queued > 0);
+        }
+    }
+
+    #[test]
+    fn a_datagram_sent_to_an_address_goes_out_despite_a_pending_icmp_error() {
+        let socket = bind(local(), None).unwrap();
+        report_unreachable(&socket).unwrap();
+        send(
+            &socket,
+            b"x",
+            Some(dead_port(Ipv4Addr::LOCALHOST.into())),
+            None,
+        )
+        .unwrap();
+        wait_for_error(&socket);
+        let live = UdpSocket::bind(local()).unwrap();
+        live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        send(&socket, b"live", Some(live.local_addr().unwrap()), None).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(live.recv(&mut buf).unwrap(), 4);
+    }
+
+    #[test]
+    fn a_dual_stack_socket_names_an_unreachable_ipv4_peer_as_it_names_its_datagrams() {
+        let Ok(socket) = bind("[::]:0".parse().unwrap(), None) else {
+            eprintln!("skipped: no IPv6");
+            return;
+        };
+        if socket2::SockRef::from(&socket).only_v6().unwrap() {
+            eprintln!("skipped: IPv6 sockets are IPv6-only here (net.ipv6.bindv6only)");
+            return;
+        }
+        let socket = Arc::new(socket);
+        report_unreachable(&socket).unwrap();
+        let (stop, rx, thread) = spawn_receiver(&socket, Duration::ZERO);
+        // How recvmmsg names an IPv4 peer on this socket: the server keys its clients so.
+        let peer = UdpSocket::bind(local()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        peer.send_to(b"hi", (Ipv4Addr::LOCALHOST, port)).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(5));
+        let Ok(Report::Datagram(from)) = got else {
+            panic!("{got:?}");
+        };
+        // A client on that same address whose process is gone, answered as the server would.
+        let gone = dead_port(Ipv4Addr::LOCALHOST.into());
+        let to = SocketAddr::new(from.ip(), gone.port());
+        send(&socket, b"x", Some(to), None).unwrap();
+        let got = rx.recv_timeout(Duration::from_secs(1));
+        stop.fire();
+        thread.join().unwrap();
+        assert_eq!(got, Ok(Report::Unreachable(to, Some(libc::ECONNREFUSED))));
+        let mapped = SocketAddr::new(Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(), gone.port());
+        assert_eq!(to, mapped);
+    }
+
+    #[test]
+    fn a_busy_receive_loop_still_reads_the_error_queue() {
+        let socket = Arc::new(bind(local(), None).unwrap());
+        report_unreachable(&socket).unwrap();
+        let peer = UdpSocket::bind(local()).unwrap();
+        let waiting = 200;
+        for i in 0..waiting {
+            peer.send_to(&[i as u8], socket.local_addr().unwrap())
+                .unwrap();
+        }
+        // The error's entry is queued, and a send takes the pending error (the fan-out thread
+        // does so at once when the ICMP error comes in during its own sendmmsg).
+        let gone = dead_port(Ipv4Addr::LOCALHOST.into());
+        socket.send_to(b"x", gone).unwrap();
+        wait_for_error(&socket);
+        assert!(socket.take_error().unwrap().is_some());
+        // A millisecond a datagram: the loop finds one waiting each time for 200 ms.
+        let (stop, rx, thread) = spawn_receiver(&socket, Duration::from_millis(1));
+        let mut before = 0;
+        let report = loop {
+            match rx.recv_timeout(Duration::from_secs(5)).unwrap() {
+                Report::Datagram(_) => before += 1,
+                report => break report,
+            }
+        };
+        stop.fire();
+        thread.join().unwrap();
+        eprintln!("reported after {before} of {waiting} datagrams");
+        assert_eq!(report, Report::Unreachable(gone, Some(libc::ECONNREFUSED)));
+        assert!(before < waiting, "reported only once the loop was idle");
     }
 }
