@@ -54,13 +54,6 @@ pub fn report_local_addresses(socket: &UdpSocket) -> io::Result<()> {
 /// [`Handler::unreachable`]. Without it, Linux reports ICMP errors to a connected socket only.
 /// With it, each error also fails the socket's next send; [`send_each`] and [`send`] (to an
 /// address) try that datagram again.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "the server turns it on with its presence work (src/server/unreachable.rs on main)"
-    )
-)]
 pub fn report_unreachable(socket: &UdpSocket) -> io::Result<()> {
     errqueue::enable(socket, socket.local_addr()?.is_ipv6())
 }
@@ -482,7 +475,7 @@ pub trait Handler {
     /// An ICMP error reported on the socket (see [`is_icmp_error`]) with nothing in its error
     /// queue to say which peer it concerns: a connected socket's, or one without
     /// [`report_unreachable`].
-    fn icmp(&mut self, error: &io::Error);
+    fn icmp(&mut self, _error: &io::Error) {}
     /// A datagram to `to` drew an ICMP "unreachable" (port: `ConnectionRefused`, host or
     /// network), read from the error queue of a socket with [`report_unreachable`]. `to` has the
     /// form the socket gives that peer's datagrams (IPv4-mapped on a dual-stack socket). Each

@@ -132,6 +132,11 @@ impl Shared {
             net::report_local_addresses(&socket)
                 .map_err(|e| Error::io("cannot ask for datagrams' local addresses", e))?;
         }
+        // Dead clients are found at the next send to them, not an interval later.
+        if config.drop_unreachable {
+            net::report_unreachable(&socket)
+                .map_err(|e| Error::io("cannot ask for ICMP errors (IP_RECVERR)", e))?;
+        }
         let keys = match config.validate {
             true => Some(Keys::new().map_err(|e| Error::io("cannot make a secret key", e))?),
             false => None,

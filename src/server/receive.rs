@@ -55,7 +55,6 @@ pub(super) struct Warnings {
     oversize: Throttle,
     refused: Throttle,
     pub(super) unanswered: Throttle,
-    icmp: Throttle,
     pub(super) paused: Throttle,
 }
 
@@ -285,7 +284,7 @@ impl net::Handler for Receive<'_> {
         }
     }
 
-    fn icmp(&mut self, e: &std::io::Error) {
-        throttled!(self.warnings.icmp, debug, target: LOG_TARGET, "ICMP error on the server socket: {e}");
+    fn unreachable(&mut self, to: SocketAddr, error: &std::io::Error) {
+        Receive::unreachable(self, to, error);
     }
 }
