@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import ipaddress
+import json
 import logging
 import os
 import select
@@ -13,13 +14,16 @@ import signal
 import sys
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from types import FrameType
 from typing import TextIO
 
-from ._udpchat import MAX_DATAGRAM, ChatClientUdp, ChatServerUdp, Message, __version__
+from ._udpchat import MAX_DATAGRAM, ChatClientUdp, ChatServerUdp, Event, Message, __version__
 
 PROMPT = "> "
+# How long `serve --events` waits for events at a time before it looks for a signal and for a
+# closed standard output: the most either can wait to be noticed.
+EVENT_SLICE = 0.1
 # Sent by `chat`'s printing thread to its main thread when the server ends the chat.
 WAKE_SIGNAL = signal.SIGUSR1
 
@@ -72,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PER_SECOND",
         help="datagrams per second each source IP may send (default: no limit)",
     )
+    serve.add_argument(
+        "--events",
+        action="store_true",
+        help="print each join, leave and refusal on stdout as one JSON object a line",
+    )
     serve.set_defaults(subparser=serve)
     chat = commands.add_parser("chat", help="join a chat server: type lines to send them")
     chat.set_defaults(subparser=chat)
@@ -115,9 +124,65 @@ class _StopSignals:
                 os.read(self._read, 512)
 
 
-def serve(server: ChatServerUdp, stop: _StopSignals) -> int:
-    """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries."""
+class _EventLines:
+    """`serve --events`'s output: each event as one JSON object on a line of `out`, flushed at
+    once. Once `out` is closed (its reader went away) it writes nothing more."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.closed = False
+        self._poll = select.poll()
+        # POLLERR and POLLHUP are reported whatever is asked: a pipe whose reader is gone.
+        self._poll.register(out.fileno(), 0)
+
+    @staticmethod
+    def line(ev: Event) -> str:
+        """One event as JSON, keys in this order:
+        `{"seq": 1, "kind": "join", "reason": "reg", "addr": ["127.0.0.1", 40123], "time": ...}`"""
+        fields = {
+            "seq": ev.seq,
+            "kind": ev.kind,
+            "reason": ev.reason,
+            "addr": list(ev.addr),
+            "time": ev.time,
+        }
+        return json.dumps(fields)
+
+    def write(self, events: Iterable[Event]) -> bool:
+        """Writes `events`; False once the output is closed."""
+        if self.closed:
+            return False
+        try:
+            for ev in events:
+                self.out.write(self.line(ev) + "\n")
+                self.out.flush()
+        except BrokenPipeError:
+            self._close()
+        return not self.closed
+
+    def reader_gone(self) -> bool:
+        """True once the output is a pipe (or socket) nobody reads any more, written to or not."""
+        if not self.closed and any(
+            mask & (select.POLLERR | select.POLLHUP) for _, mask in self._poll.poll(0)
+        ):
+            self._close()
+        return self.closed
+
+    def _close(self) -> None:
+        # What could not be written is dropped, and the standard output now goes nowhere, so
+        # Python's last flush at exit has nothing to complain about.
+        self.closed = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.out.fileno())
+        os.close(devnull)
+        logging.getLogger("udpchat").info("stopping: standard output was closed")
+
+
+def serve(server: ChatServerUdp, stop: _StopSignals, events: bool = False) -> int:
+    """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries; with `events`,
+    print each event on stdout too, until stdout is closed, which stops it as a signal does."""
     ip = server.ip
+    lines = _EventLines(sys.stdout) if events else None
     try:
         server.start()
     except OSError as e:
@@ -132,10 +197,21 @@ def serve(server: ChatServerUdp, stop: _StopSignals) -> int:
             )
         # Until a signal, or a server thread died (stop() then raises, and the exit code is 1).
         while stop.received is None and server.running:
-            stop.wait(timeout=1.0)
+            if lines is None:
+                stop.wait(timeout=1.0)
+            # A signal is only noted while `events` waits: it is seen when the slice ends.
+            elif not lines.write(server.events(timeout=EVENT_SLICE)) or lines.reader_gone():
+                break
     finally:
-        # Sends `end` to every client; further signals are only noted.
-        server.stop()
+        try:
+            # Sends `end` to every client; further signals are only noted.
+            server.stop()
+        finally:
+            # The events before the stop, and a 'stop' leave for each client sent `end`: all
+            # queued by now, and nothing is queued after them.
+            while lines is not None and (queued := server.events(timeout=0)):
+                if not lines.write(queued):
+                    break
     return EXIT_OK
 
 
@@ -369,6 +445,8 @@ def chat(client: ChatClientUdp) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
+        if args.events and sys.stdout is None:  # started with its standard output closed
+            args.subparser.error("--events needs a standard output to print to")
         stop = _StopSignals()  # from here on a signal is noted, never raised
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -383,7 +461,7 @@ def _run(args: argparse.Namespace) -> int:
             )
         except (ValueError, TypeError) as e:  # as the constructor judges the arguments
             args.subparser.error(str(e))
-        return serve(server, stop)
+        return serve(server, stop, events=args.events)
     try:
         client = ChatClientUdp(args.ip, args.port, args.interval)
     except (ValueError, TypeError) as e:

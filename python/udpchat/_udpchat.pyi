@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 from types import TracebackType
-from typing import final
+from typing import ClassVar, Literal, final
 
 from typing_extensions import Self
 
@@ -11,7 +11,9 @@ __all__ = [
     "MAX_MESSAGE",
     "ChatClientUdp",
     "ChatServerUdp",
+    "Event",
     "Message",
+    "Peer",
     "__version__",
     "reset_log_cache",
 ]
@@ -61,12 +63,108 @@ class Message:
     def __hash__(self) -> int: ...
 
 @final
+class Event:
+    """A client joined, left, or was refused: one entry of a server's presence queue, read with
+    ``ChatServerUdp.next_event`` or ``ChatServerUdp.events``. Immutable; ``==`` compares every
+    field. Made by the server only (not constructible); not hashable.
+
+    Per address, events come in the order they happened (a join before its leave).
+    """
+
+    @property
+    def kind(self) -> Literal["join", "leave", "refused"]:
+        """``'join'``: the address is registered now; ``'leave'``: it no longer is;
+        ``'refused'``: it sent a datagram but a limit kept it out."""
+
+    @property
+    def reason(
+        self,
+    ) -> Literal[
+        "reg",
+        "heartbeat",
+        "message",
+        "validated",
+        "quit",
+        "timeout",
+        "kicked",
+        "unreachable",
+        "stop",
+        "max_clients",
+        "max_per_ip",
+    ]:
+        """Why.
+
+        - join: ``'reg'``, ``'heartbeat'`` or ``'message'`` (the datagram that registered it:
+          the protocol registers a sender on any of them), ``'validated'`` (validated mode: it
+          completed the handshake, or came back with a valid token).
+        - leave: ``'quit'`` (it said so), ``'timeout'`` (silent for more than ``interval``),
+          ``'kicked'`` (``kick()``), ``'unreachable'`` (open mode: the kernel reported its port
+          unreachable after a send to it), ``'stop'`` (the server stopped, after sending it
+          ``end``).
+        - refused: ``'max_clients'``, ``'max_per_ip'`` (at most one event per refused address
+          per ``interval``).
+        """
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        """The client's ``(ip, port)``, as ``ChatServerUdp.clients`` shows it."""
+
+    @property
+    def time(self) -> float:
+        """When it happened, in Unix seconds."""
+
+    @property
+    def seq(self) -> int:
+        """1, 2, 3... in each server run (a new ``start()`` counts from 1 again); a gap means
+        events were dropped while the queue was full (``stats()['events_dropped']``)."""
+
+    def __eq__(self, value: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class Peer:
+    """One registered client's figures, from ``ChatServerUdp.peers()``: a snapshot, immutable;
+    ``==`` compares every field. Made by the server only (not constructible); not hashable."""
+
+    @property
+    def joined(self) -> float:
+        """When it registered, in Unix seconds."""
+
+    @property
+    def last_seen(self) -> float:
+        """When it was last heard from (any datagram that keeps it alive), in Unix seconds."""
+
+    @property
+    def messages(self) -> int:
+        """Chat messages received from it (relayed to every live client)."""
+
+    @property
+    def bytes(self) -> int:
+        """The sum of those messages' payloads, in bytes, as relayed (stripped of leading and
+        trailing whitespace)."""
+
+    @property
+    def heartbeats(self) -> int:
+        """Heartbeats (``^hb^``) received from it."""
+
+    @property
+    def validated(self) -> bool:
+        """True if it proved its address (validated mode, where every client has)."""
+
+    def __eq__(self, value: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
 class ChatServerUdp:
     """A UDP chat server.
 
     Registers every sender, relays each message to every live client (the sender included) as
     ``ack: {ip} {port}\\n{payload}\\n``, and drops clients not heard from for more than
     ``interval`` seconds. ``stop()`` sends ``end`` to every client.
+
+    Who joins, leaves and is refused is queued as ``Event``s whether or not anyone reads them
+    (``next_event``, ``events``); ``peers()`` gives each live client's figures. Both, like
+    ``clients``, are this server's own.
     """
 
     def __new__(
@@ -82,6 +180,8 @@ class ChatServerUdp:
         rcvbuf: int | None = None,
         validate: bool = False,
         fanout_threads: int = 1,
+        event_queue: int = 4096,
+        drop_unreachable: bool = True,
     ) -> Self:
         """Every argument is checked here: ValueError for a value out of its range (an int of
         any size included), TypeError for a wrong type (``True`` is not a number).
@@ -102,6 +202,14 @@ class ChatServerUdp:
           its token. ``ChatClientUdp`` follows it automatically.
         - ``fanout_threads`` (1..64): threads that share a large fan-out, by client; 1 suits
           2 cores.
+        - ``event_queue`` (1..10,000,000): at most this many unread events are held; later ones
+          are dropped and counted in ``stats()['events_dropped']`` (``Event.seq`` shows the gap).
+          The queue takes memory for what it holds, not for this bound.
+        - ``drop_unreachable`` (True or False): act on the kernel's reports (ICMP) that a
+          client's port is unreachable. In open mode such a client is dropped at once (an
+          ``'unreachable'`` leave); in validated mode, where anyone who knows a member's address
+          can forge the report, sends to it are only paused until its next valid datagram.
+          False ignores the reports, for networks whose firewalls send spurious ones.
         """
 
     def start(self) -> None:
@@ -138,14 +246,46 @@ class ChatServerUdp:
         multicast source), ``dropped_loop`` (from the server's own address, or a server's
         output: an ``ack:`` line, ``end``, a challenge, a welcome); ``challenges`` sent and
         ``replies_limited`` (validated mode: challenges and welcomes over the reply limits,
-        not sent), ``expired`` clients,
-        ``kernel_drops`` (datagrams the kernel dropped for want of receive buffer), and
-        ``clients`` registered now.
+        not sent), ``expired`` clients, ``dropped_unreachable`` (open mode: clients removed
+        because the kernel reported them unreachable), ``paused_unreachable`` (validated mode:
+        sends skipped to clients paused since such a report), ``events_dropped`` (events not
+        queued because ``event_queue`` were already waiting unread), ``kernel_drops``
+        (datagrams the kernel dropped for want of receive buffer), and ``clients`` registered
+        now.
         """
 
     @property
     def clients(self) -> dict[tuple[str, int], float]:
         """``{(ip, port): last_seen_unix_timestamp}`` of the live clients; empty when stopped."""
+
+    def next_event(self, timeout: float | None = None) -> Event | None:
+        """The next presence event, waiting up to ``timeout`` seconds (None, or
+        ``float('inf')``: until one comes; a negative or NaN timeout is a ValueError).
+
+        Returns None on timeout, and once the server has stopped and every event queued
+        before has been read (a thread waiting here when ``stop()`` is called gets those,
+        then None); before the first ``start()``, None at once. Releases the GIL; Ctrl-C
+        interrupts it.
+        """
+
+    def events(self, max: int = 1024, timeout: float | None = None) -> list[Event]:
+        """Up to ``max`` (1..10,000,000) events: waits up to ``timeout`` seconds (as
+        ``next_event``) for the first, then takes those already queued. Returns ``[]`` where
+        ``next_event`` returns None."""
+
+    def peers(self) -> dict[tuple[str, int], Peer]:
+        """``{(ip, port): Peer}`` for every live client, one consistent snapshot; empty when
+        stopped."""
+
+    def kick(self, addr: tuple[str, int]) -> bool:
+        """Remove the client at ``addr`` (an ``(ip, port)`` as ``clients`` shows it) now and
+        send it ``end`` (with its token, in validated mode): a ``'leave'`` event with reason
+        ``'kicked'``; no broadcast reaches it afterwards. It can register again by sending
+        again.
+
+        Returns False if ``addr`` was not registered. Raises TypeError or ValueError for an
+        ``addr`` that is not an ``(ip, port)`` pair, RuntimeError if the server is not running.
+        """
 
     @property
     def address(self) -> tuple[str, int] | None:
