@@ -146,6 +146,11 @@ impl Workers {
         !self.stop.fired()
     }
 
+    /// Whether a thread has panicked (it may still be unwinding).
+    pub fn panicked(&self) -> bool {
+        lock(&self.failure).is_some()
+    }
+
     /// Waits (up to `SETTLE`) until every thread has finished, its panic kept if it had one.
     /// For whoever saw a thread's channel close: the thread may still be unwinding.
     pub fn settle(&self) {

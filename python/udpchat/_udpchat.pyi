@@ -2,7 +2,7 @@
 
 from collections.abc import Iterator
 from types import TracebackType
-from typing import ClassVar, Literal, final
+from typing import Literal, final
 
 from typing_extensions import Self
 
@@ -119,7 +119,7 @@ class Event:
         events were dropped while the queue was full (``stats()['events_dropped']``)."""
 
     def __eq__(self, value: object, /) -> bool: ...
-    __hash__: ClassVar[None]  # type: ignore[assignment]
+    def __hash__(self) -> int: ...
 
 @final
 class Peer:
@@ -152,7 +152,7 @@ class Peer:
         """True if it proved its address (validated mode, where every client has)."""
 
     def __eq__(self, value: object, /) -> bool: ...
-    __hash__: ClassVar[None]  # type: ignore[assignment]
+    def __hash__(self) -> int: ...
 
 @final
 class ChatServerUdp:

@@ -35,7 +35,8 @@ impl ChatClientUdp {
         let Some(core) = self.core.get().map_err(to_py)? else {
             return Ok(None);
         };
-        match super::wait(py, core.messages(), timeout)? {
+        // A thread that dies closes the queue: nothing more to watch.
+        match super::wait(py, core.messages(), timeout, || false)? {
             Ok(datagram) => Ok(Some((core, datagram))),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             // Stopped, ended by the server, or a thread died: then this says so.

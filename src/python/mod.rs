@@ -37,11 +37,13 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(50);
 
 /// Waits up to `timeout` (None: without end) for the next item of `queue`, with the GIL
 /// released, in slices so Ctrl-C is seen promptly. `Err(Timeout)` on timeout,
-/// `Err(Disconnected)` once the queue is closed and empty.
+/// `Err(Disconnected)` once the queue is closed and empty, or once `dead()` says its producer
+/// died without closing it and it is empty.
 fn wait<T: Send>(
     py: Python<'_>,
     queue: &Receiver<T>,
     timeout: Option<Duration>,
+    dead: impl Fn() -> bool,
 ) -> PyResult<Result<T, RecvTimeoutError>> {
     // An item already waiting is taken without releasing the GIL at all.
     match queue.try_recv() {
@@ -58,6 +60,9 @@ fn wait<T: Send>(
         match py.detach(|| queue.recv_timeout(slice)) {
             Err(RecvTimeoutError::Timeout) => {
                 py.check_signals()?;
+                if dead() {
+                    return Ok(queue.try_recv().map_err(|_| RecvTimeoutError::Disconnected));
+                }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(Err(RecvTimeoutError::Timeout));
                 }

@@ -1,6 +1,7 @@
 //! Presence as Python sees it: `Event` and `Peer`, immutable values converted from the core's.
 
 use pyo3::prelude::*;
+use std::hash::{Hash, Hasher};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::py_addr;
@@ -17,7 +18,7 @@ fn unix(t: SystemTime) -> f64 {
 /// A client joined, left, or was refused. ``kind`` is ``'join'``, ``'leave'`` or
 /// ``'refused'``; ``reason`` says why (see the README); ``seq`` counts from 1 in each server run,
 /// and a gap means events were dropped while the queue was full.
-#[pyclass(frozen, eq, module = "udpchat._udpchat")]
+#[pyclass(frozen, eq, hash, module = "udpchat._udpchat")]
 #[derive(PartialEq)]
 pub struct Event {
     #[pyo3(get)]
@@ -30,6 +31,14 @@ pub struct Event {
     time: f64,
     #[pyo3(get)]
     seq: u64,
+}
+
+// By hand for the times: equal values (never NaN, never -0.0) have equal bits.
+impl Hash for Event {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.seq, self.kind, &self.addr, self.reason).hash(state);
+        self.time.to_bits().hash(state);
+    }
 }
 
 impl From<server::Event> for Event {
@@ -57,7 +66,7 @@ impl Event {
 /// One registered client's figures: when it joined and was last heard from (Unix seconds), the
 /// chat messages it sent and their payloads' bytes as relayed, its heartbeats, and whether it
 /// proved its address (validated mode).
-#[pyclass(frozen, eq, module = "udpchat._udpchat")]
+#[pyclass(frozen, eq, hash, module = "udpchat._udpchat")]
 #[derive(PartialEq)]
 pub struct Peer {
     #[pyo3(get)]
@@ -72,6 +81,13 @@ pub struct Peer {
     heartbeats: u64,
     #[pyo3(get)]
     validated: bool,
+}
+
+impl Hash for Peer {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.joined.to_bits(), self.last_seen.to_bits()).hash(state);
+        (self.messages, self.bytes, self.heartbeats, self.validated).hash(state);
+    }
 }
 
 impl Peer {

@@ -2,7 +2,7 @@ use crossbeam_channel::Receiver;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use super::args::{Arg, MAX_QUEUE};
@@ -42,6 +42,19 @@ pub struct ChatServerUdp {
     final_stats: Mutex<Stats>,
     /// The events of the last server started: still readable once it has stopped.
     events: Mutex<Option<Receiver<server::Event>>>,
+}
+
+/// The next event of `events`, waiting up to `timeout`; None on timeout, once the queue is
+/// closed (the server stopped), or once a thread of `core` panicked (nothing closes the queue
+/// until `stop()`), and every event before has been read.
+fn wait_for_event(
+    py: Python<'_>,
+    events: &Receiver<server::Event>,
+    timeout: Option<std::time::Duration>,
+    core: Option<Arc<Server>>,
+) -> PyResult<Option<server::Event>> {
+    let dead = || core.as_ref().is_some_and(|c| c.workers().panicked());
+    Ok(super::wait(py, events, timeout, dead)?.ok())
 }
 
 #[pymethods]
@@ -160,11 +173,11 @@ impl ChatServerUdp {
     #[pyo3(signature = (timeout = Arg::MISSING), text_signature = "($self, /, timeout=None)")]
     fn next_event(&self, py: Python<'_>, timeout: Arg<'_>) -> PyResult<Option<Event>> {
         let timeout = timeout.timeout("timeout")?;
-        self.core.get().map_err(to_py)?; // Forked
+        let core = self.core.get().map_err(to_py)?;
         let Some(events) = lock(&self.events).clone() else {
             return Ok(None);
         };
-        Ok(super::wait(py, &events, timeout)?.ok().map(Event::from))
+        Ok(wait_for_event(py, &events, timeout, core)?.map(Event::from))
     }
 
     /// Up to ``max`` events: waits up to ``timeout`` seconds (None: until one comes) for the
@@ -177,11 +190,11 @@ impl ChatServerUdp {
     fn events(&self, py: Python<'_>, max: Arg<'_>, timeout: Arg<'_>) -> PyResult<Vec<Event>> {
         let max = max.int("max", 1024, 1, MAX_QUEUE)?;
         let timeout = timeout.timeout("timeout")?;
-        self.core.get().map_err(to_py)?; // Forked
+        let core = self.core.get().map_err(to_py)?;
         let Some(events) = lock(&self.events).clone() else {
             return Ok(Vec::new());
         };
-        let Ok(first) = super::wait(py, &events, timeout)? else {
+        let Some(first) = wait_for_event(py, &events, timeout, core)? else {
             return Ok(Vec::new());
         };
         let rest = events.try_iter().take(max - 1);

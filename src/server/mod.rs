@@ -118,6 +118,9 @@ pub struct Server {
     workers: Workers,
     fanout: Sender<Job>,
     events: Receiver<Event>,
+    /// Set by the stop that said goodbye (`end`, the `stop` leaves); held through it, so a
+    /// second stop returns only once the first is done.
+    ended: Mutex<bool>,
 }
 
 impl Shared {
@@ -183,6 +186,7 @@ impl Server {
             workers,
             fanout: fanout.clone(),
             events,
+            ended: Mutex::new(false),
         };
         fanout::start_helpers(&shared, &server.workers)?;
         {
@@ -331,7 +335,11 @@ impl Core for Server {
     /// Ends every thread, then sends `end` to every live client, from the address it sends to,
     /// through `sendmmsg`, within `END_DEADLINE`.
     fn stop(&self) {
-        if !self.workers.stop_and_join() {
+        let mut ended = lock(&self.ended);
+        // Joined here, or earlier by whatever made a thread panic; the goodbye is said once,
+        // either way.
+        self.workers.stop_and_join();
+        if std::mem::replace(&mut *ended, true) {
             return;
         }
         // Every thread is gone, so nothing can follow the `end`. Those already silent leave as
@@ -359,6 +367,7 @@ impl Core for Server {
         {
             let mut presence = lock(&shared.presence);
             for m in members.iter() {
+                presence.registry.remove(m.addr);
                 presence.emit(Reason::Stop, m.addr);
             }
             presence.close();
