@@ -22,10 +22,11 @@ const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// How often a send waiting for room looks again while poll reports only an error (see
 /// `wait_for_room`).
 const ERROR_PAUSE: Duration = Duration::from_millis(1);
-/// How many times in a row a send is tried again after failing with an ICMP error (see
-/// `Retry`): enough to outlast the receive loop re-arming the error while it reads a long error
-/// queue, few enough that forged ICMP errors cannot hold a sender.
-const ICMP_RETRIES: u32 = 64;
+/// How long one datagram is tried again while its sends fail with ICMP errors (see `Retry`):
+/// far longer than the receive loop takes to read a full error queue, which re-arms the error
+/// once per entry (90 failures in a row were seen when 100 clients died at once, so a count
+/// would have to guess), and short enough that forged errors cannot hold a sender.
+const ICMP_RETRY_FOR: Duration = Duration::from_millis(50);
 /// The longest the receive loop goes on reading datagrams without reading the error queue: its
 /// entries are charged to the socket's receive buffer (a full queue made a socket drop 99 of
 /// 100 datagrams), and poll, which tells of them, is only called once no datagram is waiting.
@@ -253,11 +254,12 @@ pub fn is_icmp_error(e: &io::Error) -> bool {
 /// the error queue; the sender need not read it. `ECONNREFUSED` only ever comes that way. Host
 /// and network unreachable also come at once for the datagram's own sake, when no route leads
 /// to its destination (or from its source address): failing again straight away, it is taken
-/// to be that. Errors forged fast enough to fail every try could hold the sender, so past
-/// `ICMP_RETRIES` in a row without progress nothing more is tried again.
+/// to be that. Errors forged fast enough to fail every try could hold the sender, so a datagram
+/// that has failed for `ICMP_RETRY_FOR` is not tried again.
 #[derive(Default)]
 struct Retry {
-    in_a_row: u32,
+    /// When this datagram first failed with an ICMP error.
+    since: Option<Instant>,
     /// The last try of this datagram failed with host or network unreachable.
     unreachable: bool,
 }
@@ -269,19 +271,22 @@ impl Retry {
             e.kind(),
             ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
         );
-        let again =
-            is_icmp_error(e) && self.in_a_row < ICMP_RETRIES && !(unreachable && self.unreachable);
+        let again = is_icmp_error(e) && !self.exhausted() && !(unreachable && self.unreachable);
         if again {
-            self.in_a_row += 1;
+            self.since.get_or_insert_with(Instant::now);
         }
         self.unreachable = unreachable;
         again
     }
 
+    fn exhausted(&self) -> bool {
+        self.since.is_some_and(|t| t.elapsed() >= ICMP_RETRY_FOR)
+    }
+
     /// Whether `e`, not to be tried again as it is, may be the datagram's own error (its source
     /// address gone, say); not an ICMP error once forged ones have used up the retries.
     fn may_be_own(&self, e: &io::Error) -> bool {
-        !is_icmp_error(e) || self.in_a_row < ICMP_RETRIES
+        !is_icmp_error(e) || !self.exhausted()
     }
 
     /// Something went out.
@@ -291,7 +296,7 @@ impl Retry {
 
     /// The next datagram is tried, this one given up.
     fn next_datagram(&mut self) {
-        self.unreachable = false;
+        *self = Retry::default();
     }
 }
 
