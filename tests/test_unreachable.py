@@ -7,7 +7,7 @@ broadcast while others die."""
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import signal
 import socket
 import subprocess
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import udpchat
 from conftest import (
     TIMEOUT,
     Addr,
@@ -271,97 +272,215 @@ def connected_peer(target: str, port: int) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize(
-    ("server_ip", "targets"),
-    [
-        ("127.0.0.1", ["127.0.0.1"]),
-        ("0.0.0.0", ["127.0.0.1", "127.0.0.2"]),
-        pytest.param("::1", ["::1"], marks=pytest.mark.skipif(not HAS_IPV6, reason="no ::1")),
-        pytest.param(
-            "::", ["127.0.0.1", "::1"], marks=pytest.mark.skipif(not HAS_IPV6, reason="no ::1")
-        ),
-    ],
-)
-def test_live_clients_get_every_broadcast_while_others_die(
-    make_server: MakeServer, figure: Figure, server_ip: str, targets: list[str]
-) -> None:
-    server = make_server(ip=server_ip, interval=60)
+def read_back(sock: socket.socket, got: list[int], upto: int, wait: float = TIMEOUT) -> None:
+    """Appends the numbers of the broadcasts `sock` receives, until it has `upto` of them or
+    none comes for `wait` seconds."""
+    sock.settimeout(wait)
+    for _ in range(upto - len(got)):
+        try:
+            got.append(number(sock.recv(70_000)))
+        except TimeoutError:
+            return
+
+
+def dying_run(
+    server: ChatServerUdp,
+    server_ip: str,
+    targets: list[str],
+    live_count: int,
+    dying_count: int,
+    group: int,
+    broadcasts: int,
+) -> dict[str, Any]:
+    """`live_count` + `dying_count` connected plain sockets on `targets` (in turn) registered
+    with `server`; `broadcasts` broadcasts, and every `broadcasts * group / dying_count` of them
+    `group` more of the dying sockets are closed, just before one. Each live socket reads back
+    what it got, in bursts its receive buffer holds. Returns what is checked and printed."""
     assert server.address is not None
     port = server.address[1]
-    live_count, dying_count, broadcasts = 20, 20, 200
-    every = broadcasts // dying_count  # one more dies every 10 broadcasts
+    every = broadcasts * group // dying_count
     socks: list[socket.socket] = []
     try:
-        for i in range(live_count + dying_count):
-            socks.append(connected_peer(targets[i % len(targets)], port))
-        live, dying = socks[::2], socks[1::2]
+        for count in (live_count, dying_count):
+            socks.extend(connected_peer(targets[i % len(targets)], port) for i in range(count))
+        live, dying = socks[:live_count], socks[live_count:]
         keys = {id(s): server_key(server_ip, s) for s in socks}
         for s in socks:
             s.send(b"reg")
-        assert wait_until(lambda: len(server.clients) == len(socks)), server.clients
+        assert wait_until(lambda: len(server.clients) == len(socks)), len(server.clients)
         assert sorted(server.clients) == sorted(keys.values())
         drain_events(server)
 
         # Read back in bursts the smallest receive buffer holds, with room to spare.
         size = len(ack(server.address, b"broadcast %d" % broadcasts)) + 64
-        burst = max(1, min(every, room(min(rcvbuf(s) for s in live), size) // 2))
+        burst = max(1, min(10, room(min(rcvbuf(s) for s in live), size) // 2))
         received: list[list[int]] = [[] for _ in live]
         before = server.stats()
         dead: list[Addr] = []
         to_open = 0  # datagrams for sockets still open: live ones and those not closed yet
         for i in range(broadcasts):
-            closed = i % every == 0 and len(dead) < dying_count
-            if closed:
-                victim = dying[len(dead)]
+            closing = dying[len(dead) : len(dead) + group] if i % every == 0 else []
+            for victim in closing:
                 dead.append(keys[id(victim)])
                 victim.close()
             server.broadcast(b"broadcast %d" % i)
             to_open += live_count + dying_count - len(dead)
-            if closed:
+            if closing:
                 # The first broadcast after a close goes out on its own (the fan-out sends
-                # what is queued in one round), so the pending error also meets the next round.
-                with contextlib.suppress(TimeoutError):
-                    received[0].append(number(recv(live[0])))
+                # what is queued in one round), so a pending error also meets the next round.
+                read_back(live[0], received[0], i + 1)
             if (i + 1) % burst == 0 or i + 1 == broadcasts:
                 for sock, got in zip(live, received, strict=True):
-                    sock.settimeout(TIMEOUT)
-                    for _ in range(i + 1 - len(got)):
-                        try:
-                            data = sock.recv(70_000)
-                        except TimeoutError:
-                            break
-                        got.append(number(data))
-        assert wait_until(lambda: server.stats()["dropped_unreachable"] == dying_count)
+                    read_back(sock, got, i + 1)
+        assert len(dead) == dying_count
+        dropped = wait_until(lambda: server.stats()["dropped_unreachable"] >= dying_count)
         # The fan-out counts a round's deliveries once it is sent: every datagram to a socket
         # open when it was broadcast (a socket closed while the round that reached the live
         # ones was still going out may have been sent its last one closed, and no more).
         least = before["deliveries"] + to_open
-        assert wait_until(lambda: server.stats()["deliveries"] >= least)
+        wait_until(lambda: server.stats()["deliveries"] >= least)
         time.sleep(0.05)
         stats = server.stats()
-        events = drain_events(server)
-        to_dead = stats["deliveries"] - before["deliveries"] - to_open
-        figure(
-            f"server on {server_ip}: {broadcasts} broadcasts, {live_count} live clients and "
-            f"{dying_count} closed one by one (read back in bursts of {burst}): "
-            f"{to_dead} datagrams went to closed sockets before they were dropped "
-            f"(about one each), "
-            f"send_errors {stats['send_errors']}"
-        )
-        missing = {
-            keys[id(s)]: sorted(set(range(broadcasts)) - set(got))[:10]
-            for s, got in zip(live, received, strict=True)
-            if got != list(range(broadcasts))
+        return {
+            "dropped": dropped,
+            "stats": stats,
+            "burst": burst,
+            "to_dead": stats["deliveries"] - before["deliveries"] - to_open,
+            "broadcasts": stats["broadcasts"] - before["broadcasts"],
+            "leaves": sorted(leaves(drain_events(server))),
+            "dead": sorted(("unreachable", a) for a in dead),
+            "clients": sorted(server.clients),
+            "live": sorted(keys[id(s)] for s in live),
+            "missing": {
+                keys[id(s)]: sorted(set(range(broadcasts)) - set(got))[:10]
+                for s, got in zip(live, received, strict=True)
+                if got != list(range(broadcasts))
+            },
         }
-        assert not missing, f"live clients missed (or got out of order) broadcasts: {missing}"
-        assert stats["send_errors"] == 0
-        assert sorted(leaves(events)) == sorted(("unreachable", a) for a in dead)
-        assert sorted(server.clients) == sorted(keys[id(s)] for s in live)
-        assert stats["broadcasts"] - before["broadcasts"] == broadcasts
-        assert stats["expired"] == 0
     finally:
         for s in socks:
             s.close()
+
+
+SERVERS = [
+    ("127.0.0.1", ["127.0.0.1"]),
+    ("0.0.0.0", ["127.0.0.1", "127.0.0.2"]),
+    pytest.param("::1", ["::1"], marks=pytest.mark.skipif(not HAS_IPV6, reason="no ::1")),
+    pytest.param(
+        "::", ["127.0.0.1", "::1"], marks=pytest.mark.skipif(not HAS_IPV6, reason="no ::1")
+    ),
+]
+
+
+@pytest.mark.parametrize(("server_ip", "targets"), SERVERS)
+@pytest.mark.parametrize(
+    ("dying_count", "group", "runs"),
+    [
+        (20, 1, 1),  # closed one by one
+        # Closed five at a time: several errors queued at once, which the receiver reads one by
+        # one while the fan-out sends, each read making the next one the socket's pending error
+        # again. Twice, for a lost broadcast to show (a fan-out that does not retry a send
+        # failed for that error loses one in about half the runs).
+        (40, 5, 2),
+    ],
+    ids=["one-by-one", "five-at-a-time"],
+)
+def test_live_clients_get_every_broadcast_while_others_die(
+    make_server: MakeServer,
+    figure: Figure,
+    server_ip: str,
+    targets: list[str],
+    dying_count: int,
+    group: int,
+    runs: int,
+) -> None:
+    live_count, broadcasts = 20, 200
+    for run in range(runs):
+        server = make_server(ip=server_ip, interval=60)
+        result = dying_run(server, server_ip, targets, live_count, dying_count, group, broadcasts)
+        stats = result["stats"]
+        figure(
+            f"server on {server_ip}: {broadcasts} broadcasts, {live_count} live clients and "
+            f"{dying_count} closed {group} at a time (read back in bursts of {result['burst']}): "
+            f"{result['to_dead']} datagrams went to closed sockets before they were dropped, "
+            f"send_errors {stats['send_errors']}"
+        )
+        assert not result["missing"], f"run {run}: live clients missed broadcasts: {result}"
+        assert stats["send_errors"] == 0, result
+        assert result["dropped"], result
+        assert stats["dropped_unreachable"] == dying_count
+        assert result["leaves"] == result["dead"]
+        assert result["clients"] == result["live"]
+        assert result["broadcasts"] == broadcasts
+        assert result["to_dead"] >= 0
+        assert stats["expired"] == 0
+
+
+def mass_death(
+    server: ChatServerUdp, live_count: int, dead_count: int, broadcasts: int
+) -> tuple[int, int]:
+    """Closes `dead_count` of `server`'s clients at once and broadcasts `broadcasts` times back
+    to back; returns how many broadcasts the live ones missed, and `send_errors`."""
+    assert server.address is not None
+    port = server.address[1]
+    live = [connected_peer("127.0.0.1", port) for _ in range(live_count)]
+    dying = [connected_peer("127.0.0.1", port) for _ in range(dead_count)]
+    try:
+        for s in live + dying:
+            s.send(b"reg")
+        assert wait_until(lambda: len(server.clients) == live_count + dead_count)
+        for s in dying:
+            s.close()
+        for i in range(broadcasts):
+            server.broadcast(b"broadcast %d" % i)
+        missed = 0
+        for sock in live:
+            got: list[int] = []
+            read_back(sock, got, broadcasts, wait=0.5)
+            missed += broadcasts - len(got)
+        time.sleep(0.02)
+        return missed, server.stats()["send_errors"]
+    finally:
+        for s in live:
+            s.close()
+        server.stop()
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="BUG: the fan-out retries a send failed for the socket's pending ICMP error at most "
+    "64 times in a row (net.rs ICMP_RETRIES, not reset between datagrams); while the receiver "
+    "reads a long error queue, each read sets the pending error again, and past 64 every "
+    "datagram that meets it is given up: send_errors grow and live clients lose broadcasts",
+)
+def test_live_clients_get_every_broadcast_while_many_die_at_once(
+    make_server: MakeServer,
+    udpchat_logger: tuple[logging.Logger, Any],
+    figure: Figure,
+) -> None:
+    """100 clients closed at once, then 50 broadcasts queued back to back (one round, so each
+    closed client is sent all 50 from the round's member list: many ICMP errors queue up while
+    the fan-out is still sending). Repeated up to 40 times or 5 s, until a live client misses a
+    broadcast or a send fails. Logging at INFO, as the README's example sets it."""
+    logger, _ = udpchat_logger
+    logger.setLevel(logging.INFO)
+    udpchat.reset_log_cache()
+    live_count, dead_count, broadcasts = 20, 100, 50
+    start, runs, failed = time.monotonic(), 0, None
+    while runs < 40 and time.monotonic() - start < 5.0:
+        runs += 1
+        missed, send_errors = mass_death(
+            make_server(interval=60), live_count, dead_count, broadcasts
+        )
+        if missed or send_errors:
+            failed = (runs, missed, send_errors)
+            break
+    figure(
+        f"{dead_count} of {live_count + dead_count} clients closed at once, {broadcasts} "
+        f"broadcasts: {runs} run(s), first failure (run, broadcasts missed by live clients, "
+        f"send_errors): {failed}"
+    )
+    assert failed is None
 
 
 # 4. A forged ICMP error: only a pause in validated mode; a drop in open mode.
