@@ -593,6 +593,7 @@ def test_without_drop_unreachable_a_closed_client_stays(
 def test_drop_unreachable_takes_only_true_or_false() -> None:
     ChatServerUdp(drop_unreachable=True)
     ChatServerUdp(drop_unreachable=False)
-    for wrong in (1, 0, None, "yes"):
+    wrongs: list[Any] = [1, 0, None, "yes"]
+    for wrong in wrongs:
         with pytest.raises(TypeError, match=r"^drop_unreachable must be True or False"):
             ChatServerUdp(drop_unreachable=wrong)
