@@ -446,13 +446,6 @@ def mass_death(
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="BUG: the fan-out retries a send failed for the socket's pending ICMP error at most "
-    "64 times in a row (net.rs ICMP_RETRIES, not reset between datagrams); while the receiver "
-    "reads a long error queue, each read sets the pending error again, and past 64 every "
-    "datagram that meets it is given up: send_errors grow and live clients lose broadcasts",
-)
 def test_live_clients_get_every_broadcast_while_many_die_at_once(
     make_server: MakeServer,
     udpchat_logger: tuple[logging.Logger, Any],
