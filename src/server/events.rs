@@ -134,6 +134,14 @@ impl Presence {
         }
     }
 
+    /// Counts an event dropped without queueing it, its `seq` taken.
+    pub(super) fn drop_event(&mut self) {
+        if self.queue.is_some() {
+            self.seq += 1;
+            self.dropped += 1;
+        }
+    }
+
     /// No event after this one: readers drain the queue, then find it closed.
     pub(super) fn close(&mut self) {
         self.queue = None;

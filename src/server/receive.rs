@@ -161,14 +161,22 @@ impl<'a> Receive<'a> {
                     Activity::Message { .. } => Reason::Message,
                     Activity::Validated => Reason::Validated,
                 }),
-                // Past the tracking table's bound (a flood of new sources), the queue's own
-                // bound is what limits them.
-                _ if self.refusals.allow(from, now) == Some(false) => None,
                 Touch::Full => Some(Reason::MaxClients),
                 Touch::IpFull => Some(Reason::MaxPerIp),
             };
-            if let Some(reason) = reason {
-                presence.emit(reason, from);
+            match reason {
+                Some(refused @ (Reason::MaxClients | Reason::MaxPerIp)) => {
+                    match self.refusals.allow(from, now) {
+                        Some(true) => presence.emit(refused, from),
+                        Some(false) => {} // refused once already this interval
+                        // So many addresses refused this interval that they are no longer told
+                        // apart: dropped, as from a full queue, so that one address retrying
+                        // cannot fill the queue either.
+                        None => presence.drop_event(),
+                    }
+                }
+                Some(reason) => presence.emit(reason, from),
+                None => {}
             }
             touch
         };
