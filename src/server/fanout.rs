@@ -197,13 +197,14 @@ impl Shared {
         {
             let mut presence = lock(&self.presence);
             presence.registry.expire(now, expired);
+            // Counted before the events are seen: whoever reads one reads the count.
+            self.counters
+                .expired
+                .fetch_add(expired.len() as u64, Relaxed);
             for &addr in expired.iter() {
                 presence.emit(Reason::Timeout, addr);
             }
         }
-        self.counters
-            .expired
-            .fetch_add(expired.len() as u64, Relaxed);
         for addr in expired.iter() {
             info!(target: LOG_TARGET, "{addr} expired after {:?} of silence", self.config.interval);
         }

@@ -39,11 +39,12 @@ impl Receive<'_> {
         }
         let dropped = presence.registry.remove(to).is_some();
         if dropped {
+            // Counted before the event is seen: whoever reads the event reads the count.
+            shared.counters.dropped_unreachable.fetch_add(1, Relaxed);
             presence.emit(Reason::Unreachable, to);
         }
         drop(presence);
         if dropped {
-            shared.counters.dropped_unreachable.fetch_add(1, Relaxed);
             info!(target: LOG_TARGET, "{to} dropped: unreachable ({error})");
         }
     }
