@@ -3,6 +3,7 @@ seen from Python with plain sockets and real clients on loopback."""
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
@@ -204,7 +205,8 @@ def test_a_silent_client_leaves_by_timeout_within_interval_and_one_sweep(
     assert delay > interval, delay
     assert delay < interval + sweep + 1.0, delay
     assert a.getsockname() not in server.clients
-    assert server.stats()["expired"] == 1
+    # Counted just after the event is queued.
+    assert wait_until(lambda: server.stats()["expired"] == 1)
 
 
 def test_stop_sends_end_then_one_stop_leave_per_client(
@@ -227,8 +229,9 @@ def test_stop_sends_end_then_one_stop_leave_per_client(
 def test_a_client_silent_at_stop_leaves_by_timeout_not_stop(
     make_server: MakeServer, make_peer: MakePeer
 ) -> None:
-    # Silent past its interval when stop() comes, whether or not a sweep saw it first.
-    server = make_server(interval=0.5)
+    # Silent past its interval when stop() comes: with an interval of 1 s the sweep runs every
+    # 250 ms, so stop() (right after `clients` drops it) most often comes before the sweep does.
+    server = make_server(interval=1.0)
     silent, alive = make_peer(), make_peer()
     register(silent, server)
     register(alive, server)
@@ -237,9 +240,12 @@ def test_a_client_silent_at_stop_leaves_by_timeout_not_stop(
         alive.sendto(b"^hb^", server.address)
         return silent.getsockname() not in server.clients
 
-    assert wait_until(heartbeat_until_silent_is_out, timeout=3)
+    assert wait_until(heartbeat_until_silent_is_out, timeout=3, step=0.005)
     assert alive.getsockname() in server.clients
+    swept = server.stats()["expired"]
     server.stop()
+    assert until_end(alive)
+    assert_silent(silent)  # no `end` for a client that had already timed out
     got = until_closed(server)
     ours = [(e.kind, e.addr, e.reason) for e in got]
     assert ("leave", silent.getsockname(), "timeout") in ours
@@ -247,6 +253,8 @@ def test_a_client_silent_at_stop_leaves_by_timeout_not_stop(
     assert ("leave", alive.getsockname(), "stop") in ours
     assert_alternates(got)
     assert_seq_contiguous(got)
+    assert server.stats()["expired"] == 1
+    print(f"swept before stop(): {swept}")
 
 
 # --- refusals -----------------------------------------------------------------------------
@@ -298,6 +306,36 @@ def test_a_refused_address_gets_one_event_an_interval(
     assert list(server.clients) == [a.getsockname()]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: once max(event_queue, 1024) refused addresses are tracked, every datagram "
+    "from one more refused address is a 'refused' event (50 retries, 50 events)",
+)
+def test_a_refused_address_past_a_thousand_others_still_gets_one_event_an_interval(
+    make_server: MakeServer,
+    make_peer: MakePeer,
+    many_sockets: Callable[[int], list[socket.socket]],
+) -> None:
+    # 1,100 source ports refused within the interval: more than the 1,024 addresses the server
+    # keeps a refusal time for at event_queue=1024. One of them then retries 50 times.
+    server = make_server(max_clients=1, event_queue=1024)
+    register(make_peer(), server)
+    socks = many_sockets(1100)
+    events = take(server, 1)
+    for i, sock in enumerate(socks):
+        sock.sendto(b"reg", server.address)
+        if i % 100 == 99 or i == len(socks) - 1:  # in bursts the receive buffer holds
+            assert wait_until(lambda n=i + 1: server.stats()["dropped_over_cap"] == n)
+            events += server.events(max=10_000, timeout=0)
+    last = socks[-1]
+    for _ in range(50):
+        last.sendto(b"reg", server.address)
+    assert wait_until(lambda: server.stats()["dropped_over_cap"] == 1150)
+    events += take(server, 10_000, timeout=0.3)
+    assert server.stats()["events_dropped"] == 0
+    assert sum(e.addr == last.getsockname() for e in events) == 1
+
+
 def test_max_per_ip_refuses_with_its_own_reason(
     make_server: MakeServer, make_peer: MakePeer
 ) -> None:
@@ -318,6 +356,12 @@ def test_max_per_ip_refuses_with_its_own_reason(
             ("join", other.getsockname(), "reg"),
         ]
         assert_seq_contiguous(got)
+
+
+def test_stats_has_the_presence_counters(server: ChatServerUdp) -> None:
+    stats = server.stats()
+    for name in ("events_dropped", "dropped_unreachable", "paused_unreachable"):
+        assert stats[name] == 0, name
 
 
 # --- the queue: seq, drops, stop, restart --------------------------------------------------
@@ -446,6 +490,7 @@ def test_peers_counts_messages_bytes_and_heartbeats(
 ) -> None:
     a, b = make_peer(), make_peer()
     A, B = a.getsockname(), b.getsockname()
+    time.sleep(0.05)  # so a join's time cannot pass for the server's start
     before = time.time()
     a.sendto(b"reg", server.address)
     assert one(server).addr == A
@@ -461,6 +506,8 @@ def test_peers_counts_messages_bytes_and_heartbeats(
     a.sendto(b" ^hb^\r\n", server.address)
     a.sendto(b"reg", server.address)  # not a heartbeat
     a.sendto(b"   ", server.address)  # ignored
+    time.sleep(0.05)
+    before_b = time.time()
     b.sendto(b"\xff\xfe", server.address)  # joins by message: not UTF-8, relayed as is
     # Everything a sent was handled before b's message, whose broadcast a hears.
     assert recv(a) == ack(B, b"\xff\xfe")
@@ -474,7 +521,9 @@ def test_peers_counts_messages_bytes_and_heartbeats(
     slack = 0.01  # wall-clock times are derived from a monotonic clock
     for p in (pa, pb):
         assert before - slack <= p.joined <= p.last_seen <= after + slack, p
-    assert pa.last_seen >= last - 0.5 and pa.joined <= pb.joined + slack
+    assert pa.joined < before_b - 0.04 < before_b - slack <= pb.joined, (pa, before_b, pb)
+    assert pa.last_seen < before_b and pb.last_seen <= last + slack
+    assert pa.last_seen > pa.joined  # its messages came after its `reg`
     assert pa.validated is False
     with pytest.raises(AttributeError):
         pa.messages = 0  # type: ignore[misc]
@@ -483,14 +532,22 @@ def test_peers_counts_messages_bytes_and_heartbeats(
 def test_peers_and_clients_agree_and_are_empty_when_stopped(
     make_server: MakeServer, make_peer: MakePeer
 ) -> None:
-    server = make_server(interval=0.2)
+    server = make_server(interval=0.4)  # swept every 100 ms
     socks = [make_peer() for _ in range(5)]
-    for s in socks:
+    for s in socks:  # their silences end 20 ms apart: some of them well before a sweep
         register(s, server)
+        time.sleep(0.02)
     assert set(server.peers()) == set(server.clients) == {s.getsockname() for s in socks}
-    # Silent ones drop out of both together.
-    assert wait_until(lambda: not server.clients, timeout=3)
-    assert server.peers() == {}
+    # A silent client leaves peers() when it leaves clients, not at the sweep after.
+    clients: set[Addr] = set()
+    for _ in range(400):
+        clients = set(server.clients)
+        peers = set(server.peers())  # after: nobody here can have come back in between
+        assert peers <= clients, (peers, clients)
+        if not clients:
+            break
+        time.sleep(0.005)
+    assert not clients
     server.stop()
     assert server.peers() == {} and server.clients == {}
 
@@ -581,7 +638,10 @@ def test_a_kicked_raw_socket_gets_end_and_nothing_after(
     server.broadcast("from the server")
     assert recv(b).endswith(b"\nfrom the server\n")
     assert_silent(a)
-    assert server.stats()["deliveries"] == deliveries + 2  # b's, and b's only
+    # Counted once sent, which may be just after b hears it.
+    assert wait_until(lambda: server.stats()["deliveries"] >= deliveries + 2)
+    time.sleep(0.05)
+    assert server.stats()["deliveries"] == deliveries + 2  # to b, and to b only
     assert brief(take(server, 3)) == [
         ("join", A, "reg"),
         ("join", B, "reg"),
@@ -641,6 +701,9 @@ def test_a_kicked_client_ends_its_iteration_and_stops_heartbeating(
     server.broadcast("to whoever is left")
     heard = other.recv(TIMEOUT)
     assert heard is not None and heard.text == "to whoever is left"
+    # Counted once sent, which may be just after the other client hears it.
+    assert wait_until(lambda: server.stats()["deliveries"] >= deliveries + 2)
+    time.sleep(0.05)
     assert server.stats()["deliveries"] == deliveries + 2  # the other client's only
     assert [m.text for m in got] == ["before"]
     events = take(server, 10, timeout=0.3)
@@ -851,35 +914,80 @@ def test_a_thread_blocked_waiting_returns_at_stop_with_what_was_queued(
 # --- no Python on a core thread -----------------------------------------------------------
 
 
-def test_events_nobody_reads_harm_nothing(
-    make_server: MakeServer, make_peer: MakePeer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    reported: list[Any] = []
-    monkeypatch.setattr(sys, "unraisablehook", reported.append)
-    monkeypatch.setattr(threading, "excepthook", reported.append)
-    server = make_server(event_queue=8, max_clients=40)
-    socks = [make_peer() for _ in range(41)]
-    for s in socks[:40]:
-        register(s, server)
-    socks[40].sendto(b"reg", server.address)  # refused
-    # The queue is long full: relaying goes on.
-    for i, s in enumerate(socks[:20]):
-        s.sendto(b"msg %d" % i, server.address)
-        assert recv(socks[39]) == ack(s.getsockname(), b"msg %d" % i)
-    for s in socks[:20]:
-        s.sendto(b"quit", server.address)
-    assert wait_until(lambda: len(server.clients) == 20)
-    t0 = time.monotonic()
-    server.stop()
-    assert time.monotonic() - t0 < 2.0
-    for s in socks[20:40]:  # after the broadcasts it was sent
-        assert until_end(s)
-    stats = server.stats()
-    # 40 joins, 1 refusal, 20 quits, 20 stops: 81, of which 8 fit.
-    assert stats["events_dropped"] == 81 - 8, stats
-    assert stats["broadcasts"] == 20 and stats["deliveries"] == 20 * 40
-    assert [e.seq for e in until_closed(server)] == list(range(1, 9))
-    assert reported == []
+NOBODY_READS = r"""
+import json, socket, sys, threading, time
+from udpchat import ChatServerUdp
+reported = []
+sys.unraisablehook = threading.excepthook = lambda args: reported.append(repr(args))
+
+def wait(predicate):
+    deadline = time.monotonic() + 5
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return predicate()
+
+server = ChatServerUdp(port=0, event_queue=8, max_clients=40)
+server.start()
+socks = []
+for _ in range(41):
+    s = socket.socket(type=socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(5)
+    socks.append(s)
+for s in socks[:40]:
+    s.sendto(b"reg", server.address)
+    assert wait(lambda: s.getsockname() in server.clients)
+socks[40].sendto(b"reg", server.address)  # refused
+relayed = 0
+for i, s in enumerate(socks[:20]):  # the queue is long full: relaying goes on
+    s.sendto(b"msg %d" % i, server.address)
+    expected = b"ack: 127.0.0.1 %d\nmsg %d\n" % (s.getsockname()[1], i)
+    relayed += socks[39].recv(70000) == expected
+for s in socks[:20]:
+    s.sendto(b"quit", server.address)
+assert wait(lambda: len(server.clients) == 20)
+t0 = time.monotonic()
+server.stop()
+stop_ms = (time.monotonic() - t0) * 1000
+ends = 0
+for s in socks[20:40]:
+    for _ in range(100):
+        if s.recv(70000) == b"end":
+            ends += 1
+            break
+seqs = []
+while (ev := server.next_event(timeout=1)) is not None:
+    seqs.append(ev.seq)
+print(json.dumps({"relayed": relayed, "stop_ms": stop_ms, "ends": ends, "seqs": seqs,
+                  "stats": server.stats(), "reported": reported}))
+"""
+
+
+def test_events_nobody_reads_harm_nothing(figure: Figure) -> None:
+    # In a process of its own: a server whose threads waited for a reader would hang there.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", NOBODY_READS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"hung with events nobody read: {out!r} {err[-2000:]!r}")
+    assert proc.returncode == 0, err
+    got = json.loads(out)
+    figure(f"stop() with 20 clients and a full event queue nobody read: {got['stop_ms']:.1f} ms")
+    assert got["relayed"] == 20
+    assert got["ends"] == 20
+    assert got["stop_ms"] < 2000
+    # 40 joins, 1 refusal, 20 quits, 20 stops: 81, of which the first 8 fit.
+    assert got["stats"]["events_dropped"] == 81 - 8, got["stats"]
+    assert got["stats"]["broadcasts"] == 20 and got["stats"]["deliveries"] == 20 * 40
+    assert got["seqs"] == list(range(1, 9))
+    assert got["reported"] == []
 
 
 GIL_TRAFFIC = r"""
