@@ -229,10 +229,12 @@ def test_stop_sends_end_then_one_stop_leave_per_client(
 def test_a_client_silent_at_stop_leaves_by_timeout_not_stop(
     make_server: MakeServer, make_peer: MakePeer
 ) -> None:
-    # Silent past its interval when stop() comes: with an interval of 1 s the sweep runs every
-    # 250 ms, so stop() (right after `clients` drops it) most often comes before the sweep does.
+    # Silent past its interval when stop() comes, before the sweep that would have removed it.
     server = make_server(interval=1.0)
     silent, alive = make_peer(), make_peer()
+    # Sweeps come every 250 ms from start(): a client that joins half a sweep after start()
+    # falls silent half a sweep before the next one (one that joins at once, with the sweep).
+    time.sleep(0.125)
     register(silent, server)
     register(alive, server)
 
@@ -242,7 +244,6 @@ def test_a_client_silent_at_stop_leaves_by_timeout_not_stop(
 
     assert wait_until(heartbeat_until_silent_is_out, timeout=3, step=0.005)
     assert alive.getsockname() in server.clients
-    swept = server.stats()["expired"]
     server.stop()
     assert until_end(alive)
     assert_silent(silent)  # no `end` for a client that had already timed out
@@ -254,7 +255,6 @@ def test_a_client_silent_at_stop_leaves_by_timeout_not_stop(
     assert_alternates(got)
     assert_seq_contiguous(got)
     assert server.stats()["expired"] == 1
-    print(f"swept before stop(): {swept}")
 
 
 # --- refusals -----------------------------------------------------------------------------
@@ -311,13 +311,14 @@ def test_a_refused_address_gets_one_event_an_interval(
     reason="BUG: once max(event_queue, 1024) refused addresses are tracked, every datagram "
     "from one more refused address is a 'refused' event (50 retries, 50 events)",
 )
-def test_a_refused_address_past_a_thousand_others_still_gets_one_event_an_interval(
+def test_a_refused_address_past_a_thousand_others_gets_at_most_one_event_an_interval(
     make_server: MakeServer,
     make_peer: MakePeer,
     many_sockets: Callable[[int], list[socket.socket]],
 ) -> None:
     # 1,100 source ports refused within the interval: more than the 1,024 addresses the server
-    # keeps a refusal time for at event_queue=1024. One of them then retries 50 times.
+    # keeps a refusal time for at event_queue=1024. One of them then retries 50 times: at most
+    # one event for it all the same.
     server = make_server(max_clients=1, event_queue=1024)
     register(make_peer(), server)
     socks = many_sockets(1100)
@@ -333,7 +334,7 @@ def test_a_refused_address_past_a_thousand_others_still_gets_one_event_an_interv
     assert wait_until(lambda: server.stats()["dropped_over_cap"] == 1150)
     events += take(server, 10_000, timeout=0.3)
     assert server.stats()["events_dropped"] == 0
-    assert sum(e.addr == last.getsockname() for e in events) == 1
+    assert sum(e.addr == last.getsockname() for e in events) <= 1
 
 
 def test_max_per_ip_refuses_with_its_own_reason(
