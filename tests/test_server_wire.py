@@ -209,6 +209,9 @@ def test_stats_count_what_happened(server: ChatServerUdp, make_peer: MakePeer) -
         "challenges": 0,
         "replies_limited": 0,
         "expired": 0,
+        "dropped_unreachable": 0,
+        "paused_unreachable": 0,
+        "events_dropped": 0,
         "kernel_drops": 0,
         "clients": 2,
     }
