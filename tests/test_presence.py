@@ -306,11 +306,6 @@ def test_a_refused_address_gets_one_event_an_interval(
     assert list(server.clients) == [a.getsockname()]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: once max(event_queue, 1024) refused addresses are tracked, every datagram "
-    "from one more refused address is a 'refused' event (50 retries, 50 events)",
-)
 def test_a_refused_address_past_a_thousand_others_gets_at_most_one_event_an_interval(
     make_server: MakeServer,
     make_peer: MakePeer,
@@ -333,8 +328,13 @@ def test_a_refused_address_past_a_thousand_others_gets_at_most_one_event_an_inte
         last.sendto(b"reg", server.address)
     assert wait_until(lambda: server.stats()["dropped_over_cap"] == 1150)
     events += take(server, 10_000, timeout=0.3)
-    assert server.stats()["events_dropped"] == 0
     assert sum(e.addr == last.getsockname() for e in events) <= 1
+    # The refusals past the table are counted as dropped events, and leave their gap in seq.
+    assert server.stats()["events_dropped"] == 1100 - 1024 + 50
+    assert len(events) == 1 + 1024
+    server.stop()
+    (stop,) = server.events(timeout=0)
+    assert (stop.reason, stop.seq) == ("stop", 1 + 1100 + 50 + 1)
 
 
 def test_max_per_ip_refuses_with_its_own_reason(
