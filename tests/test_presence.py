@@ -563,6 +563,21 @@ def test_peers_and_kick_over_ipv6(make_server: MakeServer, make_peer: MakePeer) 
     assert brief(take(server, 2)) == [("join", me, "reg"), ("leave", me, "kicked")]
 
 
+def test_a_dual_stack_server_kicks_an_ipv4_client_by_either_name(
+    make_server: MakeServer, make_peer: MakePeer
+) -> None:
+    server = make_server(ip="::")
+    for name in ("mapped", "plain"):
+        a = make_peer()
+        ip, port = a.getsockname()
+        a.sendto(b"reg", ("127.0.0.1", server.address[1]))
+        mapped = (f"::ffff:{ip}", port)
+        assert wait_until(lambda m=mapped: m in server.clients)
+        assert server.kick(mapped if name == "mapped" else (ip, port)) is True
+        assert recv(a) == b"end"
+        assert brief(take(server, 2)) == [("join", mapped, "reg"), ("leave", mapped, "kicked")]
+
+
 # --- kick() -------------------------------------------------------------------------------
 
 

@@ -251,11 +251,19 @@ impl Server {
     /// Removes `addr` now and sends it `end` (keyed in validated mode), with a `kicked` leave.
     /// False if it was not registered. No broadcast reaches it after this returns.
     pub fn kick(&self, addr: SocketAddr) -> Result<bool> {
-        self.workers.check()?;
         let shared = &self.shared;
+        // An IPv6 socket names IPv4 clients by their mapped addresses.
+        let addr = match addr {
+            SocketAddr::V4(v4) if shared.local.is_ipv6() => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            addr => addr,
+        };
         // Held while no broadcast is being sent, so none that took the member list before the
-        // kick can reach the client after its `end`.
+        // kick can reach the client after its `end`; and held by `stop` while it says goodbye,
+        // so a kick comes wholly before it or finds the server stopped.
         let mut sending = lock(&shared.sending);
+        self.workers.check()?;
         let member = {
             let mut presence = lock(&shared.presence);
             let member = presence.registry.remove(addr);
@@ -345,6 +353,7 @@ impl Core for Server {
         // Every thread is gone, so nothing can follow the `end`. Those already silent leave as
         // at a sweep; every other member is sent its `end`, then leaves with reason `stop`.
         let shared = &self.shared;
+        let _sending = lock(&shared.sending);
         shared.expire(Instant::now(), &mut Vec::new());
         let members = lock(&shared.presence).registry.members();
         let ends: Vec<Vec<u8>> = members.iter().map(|m| shared.end(m.addr)).collect();
