@@ -169,10 +169,12 @@ def serve(kind: str, busy: bool, fanout_threads: int, log_info: bool = False) ->
         from udpchat import ChatServerUdp
 
         ip = "0.0.0.0" if kind == "udpchat-any" else "127.0.0.1"
-        # Events are never read: with a queue of 16 the clients' joins fill it, and every later
-        # event is dropped and counted.
-        events = 16 if kind == "udpchat-events-full" else 4096
-        server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads, event_queue=events)
+        if kind == "udpchat-events-full":
+            # Events are never read: the clients' joins fill a queue of 16, and every later
+            # event is dropped and counted.
+            server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads, event_queue=16)
+        else:  # no option a build from before presence does not know (`--before`)
+            server = ChatServerUdp(ip, 0, fanout_threads=fanout_threads)
         server.start()
         assert server.address is not None
         address = ("127.0.0.1", server.address[1])
