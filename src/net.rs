@@ -50,8 +50,8 @@ pub fn report_local_addresses(socket: &UdpSocket) -> io::Result<()> {
     pktinfo::enable(socket, socket.local_addr()?.is_ipv6())
 }
 
-/// Makes the socket learn which destinations are unreachable (a client's process died, its host
-/// or network is gone), from the ICMP errors their datagrams draw: the receive loop hands each to
+/// Makes the socket learn which destinations are unreachable (a client's process died), from
+/// the ICMP errors their datagrams draw: the receive loop hands each to
 /// [`Handler::unreachable`]. Without it, Linux reports ICMP errors to a connected socket only.
 /// With it, each error also fails the socket's next send; [`send_each`] and [`send`] (to an
 /// address) try that datagram again.
@@ -481,11 +481,12 @@ pub trait Handler {
     /// queue to say which peer it concerns: a connected socket's, or one without
     /// [`report_unreachable`].
     fn icmp(&mut self, _error: &io::Error) {}
-    /// A datagram to `to` drew an ICMP "unreachable" (port: `ConnectionRefused`, host or
-    /// network), read from the error queue of a socket with [`report_unreachable`]. `to` has the
-    /// form the socket gives that peer's datagrams (IPv4-mapped on a dual-stack socket). Each
-    /// error queued is reported once; but hosts rate-limit the ICMP errors they send, so not
-    /// every datagram to a dead peer draws one.
+    /// A datagram to `to` drew an ICMP "port unreachable" (`ConnectionRefused`) from `to`'s own
+    /// host, read from the error queue of a socket with [`report_unreachable`] (see
+    /// `errqueue::read` for what is not reported). `to` has the form the socket gives that
+    /// peer's datagrams (IPv4-mapped on a dual-stack socket). Each error queued is reported
+    /// once; but hosts rate-limit the ICMP errors they send, so not every datagram to a dead
+    /// peer draws one.
     fn unreachable(&mut self, _to: SocketAddr, _error: &io::Error) {}
 }
 

@@ -11,7 +11,7 @@ use std::borrow::Borrow;
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,9 @@ pub struct Member {
     bytes: AtomicU64,
     /// `^hb^` datagrams received from it.
     heartbeats: AtomicU64,
-    /// Sends to it are skipped until it is heard from again (see [`Registry::pause`]).
-    paused: AtomicBool,
+    /// When it was last paused (a stamp), with `PAUSED` set while sends to it are skipped,
+    /// until it is heard from again (see [`Registry::pause`]); 0 if never.
+    pause: AtomicU64,
 }
 
 impl Member {
@@ -46,7 +47,7 @@ impl Member {
             messages: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             heartbeats: AtomicU64::new(0),
-            paused: AtomicBool::new(false),
+            pause: AtomicU64::new(0),
         }
     }
 
@@ -65,14 +66,14 @@ impl Member {
         }
         // Only ever set by an ICMP error, so a store that changes nothing is not worth its
         // cache-line write on every message.
-        if self.paused.load(Ordering::Relaxed) {
-            self.paused.store(false, Ordering::Relaxed);
+        if self.is_paused() {
+            self.pause.fetch_and(!PAUSED, Ordering::Relaxed);
         }
     }
 
     /// Whether sends to it are paused.
     pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::Relaxed)
+        self.pause.load(Ordering::Relaxed) & PAUSED != 0
     }
 }
 
@@ -124,6 +125,9 @@ impl PartialEq for Entry {
 }
 
 impl Eq for Entry {}
+
+/// The flag of `Member::pause` that says sends to it are skipped.
+const PAUSED: u64 = 1 << 63;
 
 /// The list of members the fan-out sends to; shared, never copied per broadcast.
 pub type Members = Arc<[Arc<Member>]>;
@@ -236,6 +240,7 @@ impl Registry {
                 messages: AtomicU64::new(member.messages.load(Ordering::Relaxed)),
                 bytes: AtomicU64::new(member.bytes.load(Ordering::Relaxed)),
                 heartbeats: AtomicU64::new(member.heartbeats.load(Ordering::Relaxed)),
+                pause: AtomicU64::new(member.pause.load(Ordering::Relaxed) & !PAUSED),
                 ..Member::new(addr, local, stamp)
             };
             moved.heard(stamp, activity);
@@ -268,12 +273,23 @@ impl Registry {
         removed
     }
 
-    /// Skips sends to `addr` until it is next heard from. Returns true if it was registered
-    /// and not paused already.
-    pub fn pause(&self, addr: SocketAddr) -> bool {
-        self.members
-            .get(&addr)
-            .is_some_and(|Entry(m)| !m.paused.swap(true, Ordering::Relaxed))
+    /// Skips sends to `addr` until it is next heard from, unless it was paused already within
+    /// the last `interval`: a client that answered after a pause has shown it is there, so a
+    /// stream of reports (forged, say) costs it at most one pause an interval. Returns true if
+    /// it paused a registered client.
+    pub fn pause(&self, addr: SocketAddr, now: Instant) -> bool {
+        let Some(Entry(member)) = self.members.get(&addr) else {
+            return false;
+        };
+        let stamp = self.clock.stamp(now);
+        let last = member.pause.load(Ordering::Relaxed);
+        let recent = last != 0 && stamp.saturating_sub(last & !PAUSED) < self.clock.interval;
+        if last & PAUSED != 0 || recent {
+            return false;
+        }
+        // Stamps count nanoseconds from the epoch: the top bit is free for centuries.
+        member.pause.store(stamp.max(1) | PAUSED, Ordering::Relaxed);
+        true
     }
 
     /// Removes every client silent for more than `interval` at `now`; appends them to `expired`.
@@ -576,13 +592,22 @@ mod tests {
             expected
         );
         // A pause holds until the member is heard from, whatever it sends.
-        assert!(r.pause(addr(1)));
-        assert!(!r.pause(addr(1)), "already paused");
-        assert!(!r.pause(addr(2)), "not registered");
+        assert!(r.pause(addr(1), t2));
+        assert!(!r.pause(addr(1), t2), "already paused");
+        assert!(!r.pause(addr(2), t2), "not registered");
         assert!(r.members()[0].is_paused());
         r.touch(addr(1), "127.0.0.2".parse().ok(), t2, Activity::Register);
         assert!(!r.members()[0].is_paused());
+        // Heard from after a pause: no other pause within the interval, moved or not.
+        let t3 = t2 + Duration::from_secs(9);
+        assert!(!r.pause(addr(1), t3));
+        r.touch(addr(1), "127.0.0.3".parse().ok(), t3, Activity::Heartbeat);
+        assert!(!r.pause(addr(1), t3));
+        assert!(!r.members()[0].is_paused());
+        let t4 = t2 + Duration::from_secs(10);
+        assert!(r.pause(addr(1), t4));
+        assert!(r.members()[0].is_paused());
         // The silent are not peers.
-        assert!(r.peers(t2 + Duration::from_secs(11)).is_empty());
+        assert!(r.peers(t3 + Duration::from_secs(11)).is_empty());
     }
 }

@@ -12,7 +12,7 @@
 
 use std::io::{self, ErrorKind};
 use std::mem::size_of;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd};
 
 use socket2::{SockAddr, SockAddrStorage};
@@ -62,8 +62,16 @@ fn turn_on(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) -> io::Res
 }
 
 /// Reads `socket`'s error queue until it is empty, at most `MAX_READ` entries a call, and hands
-/// each ICMP "unreachable" to `report`: the destination of the datagram that drew it, and the
-/// error. Other entries are read and dropped. Returns how many were reported.
+/// each ICMP "port unreachable" sent by the destination host itself to `report`: the
+/// destination of the datagram that drew it, and the error (`ECONNREFUSED`). Other entries are
+/// read and dropped. Returns how many were reported.
+///
+/// Only port unreachable says the peer is gone (its host answers that nothing listens there);
+/// host and network unreachable, or time exceeded (which Linux also names `EHOSTUNREACH`), come
+/// from routers about a path that may come back. And one whose sender is not the destination is
+/// forged, or from a firewall on the way: taking it would let anyone who can send ICMP from an
+/// address of their own cut a client off, where a forger must now also spoof the client's own
+/// address.
 pub fn read(
     socket: &UdpSocket,
     mut report: impl FnMut(SocketAddr, io::Error),
@@ -97,25 +105,23 @@ pub fn read(
             }
         }
         read += 1;
-        let Some(error) = unreachable(&hdr) else {
+        let Some(sender) = port_unreachable(&hdr) else {
             continue;
         };
         // SAFETY: the kernel wrote a socket address of `msg_namelen` bytes into `name`, plain
         // bytes (no Drop), moved here once.
         let to = unsafe { SockAddr::new(name, hdr.msg_namelen) }.as_socket();
-        if let Some(to) = to {
-            report(to, error);
+        if let Some(to) = to.filter(|to| to.ip().to_canonical() == sender.to_canonical()) {
+            report(to, io::Error::from_raw_os_error(libc::ECONNREFUSED));
             reported += 1;
         }
     }
     Ok(reported)
 }
 
-/// The error an error-queue entry reports, from the control messages `recvmsg` wrote for `hdr`,
-/// if it is an ICMP or ICMPv6 "unreachable": port (`ECONNREFUSED`), host or network. Local
-/// errors and the other ICMP errors (fragmentation needed: `EMSGSIZE`) say nothing about
-/// whether the peer is there, so they give None.
-fn unreachable(hdr: &libc::msghdr) -> Option<io::Error> {
+/// The host that sent an error-queue entry (its "offender"), from the control messages
+/// `recvmsg` wrote for `hdr`, if the entry is an ICMP or ICMPv6 port unreachable.
+fn port_unreachable(hdr: &libc::msghdr) -> Option<IpAddr> {
     if hdr.msg_control.is_null() || hdr.msg_controllen < size_of::<libc::cmsghdr>() {
         return None;
     }
@@ -129,26 +135,40 @@ fn unreachable(hdr: &libc::msghdr) -> Option<io::Error> {
             let c = std::ptr::read_unaligned(cmsg);
             let is_error = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR)
                 || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
-            let whole = c.cmsg_len as usize
-                >= libc::CMSG_LEN(size_of::<libc::sock_extended_err>() as libc::c_uint) as usize;
-            if is_error && whole {
-                let data = libc::CMSG_DATA(cmsg).cast::<libc::sock_extended_err>();
-                found = Some(std::ptr::read_unaligned(data));
+            let covers = |len: usize| c.cmsg_len as usize >= libc::CMSG_LEN(len as _) as usize;
+            let ee = size_of::<libc::sock_extended_err>();
+            if is_error && covers(ee + size_of::<libc::sa_family_t>()) {
+                let data = libc::CMSG_DATA(cmsg);
+                let err = std::ptr::read_unaligned(data.cast::<libc::sock_extended_err>());
+                // SO_EE_OFFENDER: the sender's address follows the error.
+                let offender = data.add(ee);
+                let family = std::ptr::read_unaligned(offender.cast::<libc::sa_family_t>());
+                let sender = match i32::from(family) {
+                    libc::AF_INET if covers(ee + size_of::<libc::sockaddr_in>()) => {
+                        let sin = std::ptr::read_unaligned(offender.cast::<libc::sockaddr_in>());
+                        Some(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ))
+                    }
+                    libc::AF_INET6 if covers(ee + size_of::<libc::sockaddr_in6>()) => {
+                        let sin6 = std::ptr::read_unaligned(offender.cast::<libc::sockaddr_in6>());
+                        Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                    }
+                    _ => None,
+                };
+                found = Some((err, sender));
             }
             cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
         }
     }
-    let err = found?;
-    let icmp = matches!(
-        err.ee_origin,
-        libc::SO_EE_ORIGIN_ICMP | libc::SO_EE_ORIGIN_ICMP6
-    );
-    let errno = libc::c_int::try_from(err.ee_errno).ok()?;
-    let unreachable = matches!(
-        errno,
-        libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH
-    );
-    (icmp && unreachable).then(|| io::Error::from_raw_os_error(errno))
+    let (err, sender) = found?;
+    // Destination unreachable, port unreachable: type 3 code 3 in ICMP, 1 and 4 in ICMPv6.
+    let port = match err.ee_origin {
+        libc::SO_EE_ORIGIN_ICMP => (err.ee_type, err.ee_code) == (3, 3),
+        libc::SO_EE_ORIGIN_ICMP6 => (err.ee_type, err.ee_code) == (1, 4),
+        _ => false,
+    };
+    sender.filter(|_| port)
 }
 
 #[cfg(test)]
@@ -186,20 +206,55 @@ mod tests {
         *at += space;
     }
 
-    fn error(origin: u8, errno: libc::c_int) -> libc::sock_extended_err {
-        libc::sock_extended_err {
-            ee_errno: errno as u32,
+    /// An error as the kernel queues it: the `sock_extended_err`, then its sender's address.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Queued<A: Copy> {
+        err: libc::sock_extended_err,
+        offender: A,
+    }
+
+    fn queued<A: Copy>(origin: u8, (kind, code): (u8, u8), offender: A) -> Queued<A> {
+        let err = libc::sock_extended_err {
+            ee_errno: 0,
             ee_origin: origin,
-            ee_type: 3,
-            ee_code: 3,
+            ee_type: kind,
+            ee_code: code,
             ee_pad: 0,
             ee_info: 0,
             ee_data: 0,
+        };
+        Queued { err, offender }
+    }
+
+    fn v4(ip: [u8; 4]) -> libc::sockaddr_in {
+        libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes(ip).to_be(),
+            },
+            sin_zero: [0; 8],
         }
     }
 
-    /// The errno `unreachable` finds in a buffer holding `messages`, as recvmsg would leave it.
-    fn parse(fill: impl FnOnce(&mut Control, &mut usize)) -> Option<i32> {
+    fn v6(ip: std::net::Ipv6Addr) -> libc::sockaddr_in6 {
+        libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: 0,
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: ip.octets(),
+            },
+            sin6_scope_id: 0,
+        }
+    }
+
+    const PORT_UNREACHABLE: (u8, u8) = (3, 3);
+    const PORT_UNREACHABLE_6: (u8, u8) = (1, 4);
+
+    /// The sender `port_unreachable` finds in a buffer filled by `fill`, as recvmsg would leave it.
+    fn parse(fill: impl FnOnce(&mut Control, &mut usize)) -> Option<IpAddr> {
         let mut buf = Control([0; SPACE]);
         let mut len = 0;
         fill(&mut buf, &mut len);
@@ -207,41 +262,29 @@ mod tests {
         let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
         hdr.msg_control = buf.0.as_mut_ptr().cast();
         hdr.msg_controllen = len as _;
-        unreachable(&hdr).map(|e| e.raw_os_error().unwrap())
+        port_unreachable(&hdr)
     }
 
     #[test]
-    fn icmp_unreachable_entries_give_their_error() {
-        for (level, kind, origin, errno) in [
-            (
-                libc::IPPROTO_IP,
-                libc::IP_RECVERR,
-                libc::SO_EE_ORIGIN_ICMP,
-                libc::ECONNREFUSED,
-            ),
-            (
-                libc::IPPROTO_IP,
-                libc::IP_RECVERR,
-                libc::SO_EE_ORIGIN_ICMP,
-                libc::EHOSTUNREACH,
-            ),
-            (
-                libc::IPPROTO_IPV6,
-                libc::IPV6_RECVERR,
-                libc::SO_EE_ORIGIN_ICMP6,
-                libc::ENETUNREACH,
-            ),
-            // An IPv4 peer of a dual-stack socket: ICMP origin, IPv6 level.
-            (
-                libc::IPPROTO_IPV6,
-                libc::IPV6_RECVERR,
-                libc::SO_EE_ORIGIN_ICMP,
-                libc::ECONNREFUSED,
-            ),
-        ] {
-            let got = parse(|buf, at| put(buf, at, level, kind, error(origin, errno)));
-            assert_eq!(got, Some(errno), "{level} {kind} {origin} {errno}");
-        }
+    fn port_unreachable_entries_give_their_sender() {
+        let (ip, ip6) = ([192, 0, 2, 7], "2001:db8::7".parse().unwrap());
+        let (level, kind) = (libc::IPPROTO_IP, libc::IP_RECVERR);
+        let origin = libc::SO_EE_ORIGIN_ICMP;
+        let err = queued(origin, PORT_UNREACHABLE, v4(ip));
+        assert_eq!(parse(|b, at| put(b, at, level, kind, err)), Some(ip.into()));
+        let (level6, kind6) = (libc::IPPROTO_IPV6, libc::IPV6_RECVERR);
+        let err = queued(libc::SO_EE_ORIGIN_ICMP6, PORT_UNREACHABLE_6, v6(ip6));
+        assert_eq!(
+            parse(|b, at| put(b, at, level6, kind6, err)),
+            Some(ip6.into())
+        );
+        // An IPv4 peer of a dual-stack socket: ICMP origin, IPv6 level, a mapped sender.
+        let mapped = std::net::Ipv4Addr::from(ip).to_ipv6_mapped();
+        let err = queued(origin, PORT_UNREACHABLE, v6(mapped));
+        assert_eq!(
+            parse(|b, at| put(b, at, level6, kind6, err)),
+            Some(mapped.into())
+        );
     }
 
     #[test]
@@ -257,47 +300,62 @@ mod tests {
         };
         let got = parse(|buf, at| {
             put(buf, at, libc::IPPROTO_IP, libc::IP_PKTINFO, info);
-            let err = error(libc::SO_EE_ORIGIN_ICMP, libc::ECONNREFUSED);
+            let err = queued(
+                libc::SO_EE_ORIGIN_ICMP,
+                PORT_UNREACHABLE,
+                v4([127, 0, 0, 1]),
+            );
             put(buf, at, libc::IPPROTO_IP, libc::IP_RECVERR, err);
         });
-        assert_eq!(got, Some(libc::ECONNREFUSED));
+        assert_eq!(got, Some(IpAddr::from([127, 0, 0, 1])));
     }
 
     #[test]
-    fn local_errors_and_other_icmp_errors_give_none() {
+    fn other_errors_and_entries_without_a_sender_give_none() {
         assert_eq!(parse(|_, _| {}), None);
-        for (origin, errno) in [
-            (libc::SO_EE_ORIGIN_LOCAL, libc::EMSGSIZE),
-            (libc::SO_EE_ORIGIN_LOCAL, libc::ECONNREFUSED),
-            (libc::SO_EE_ORIGIN_NONE, libc::EHOSTUNREACH),
-            (libc::SO_EE_ORIGIN_ICMP, libc::EMSGSIZE), // fragmentation needed
-            (libc::SO_EE_ORIGIN_ICMP6, libc::EMSGSIZE), // packet too big
-            (libc::SO_EE_ORIGIN_ICMP, libc::ENOPROTOOPT), // protocol unreachable
+        let (level, kind) = (libc::IPPROTO_IP, libc::IP_RECVERR);
+        let sender = v4([192, 0, 2, 7]);
+        for (origin, type_code) in [
+            (libc::SO_EE_ORIGIN_LOCAL, PORT_UNREACHABLE),
+            (libc::SO_EE_ORIGIN_NONE, PORT_UNREACHABLE),
+            (libc::SO_EE_ORIGIN_ICMP, (3, 1)), // host unreachable: a router's word
+            (libc::SO_EE_ORIGIN_ICMP, (3, 0)), // network unreachable
+            (libc::SO_EE_ORIGIN_ICMP, (3, 13)), // administratively prohibited
+            (libc::SO_EE_ORIGIN_ICMP, (3, 4)), // fragmentation needed
+            (libc::SO_EE_ORIGIN_ICMP, (11, 0)), // time exceeded (EHOSTUNREACH too)
+            (libc::SO_EE_ORIGIN_ICMP6, (1, 0)), // no route
+            (libc::SO_EE_ORIGIN_ICMP6, PORT_UNREACHABLE), // ICMPv6's codes differ
+            (libc::SO_EE_ORIGIN_ICMP, PORT_UNREACHABLE_6),
+        ] {
+            let err = queued(origin, type_code, sender);
+            let got = parse(|b, at| put(b, at, level, kind, err));
+            assert_eq!(got, None, "{origin} {type_code:?}");
+        }
+        // A port unreachable whose message ends before its sender's address (MSG_CTRUNC), or
+        // names no family: no sender, not reported.
+        for cut in [
+            size_of::<libc::sock_extended_err>(),
+            size_of::<libc::sock_extended_err>() + 8,
         ] {
             let got = parse(|buf, at| {
-                put(
-                    buf,
-                    at,
-                    libc::IPPROTO_IP,
-                    libc::IP_RECVERR,
-                    error(origin, errno),
-                )
+                let err = queued(libc::SO_EE_ORIGIN_ICMP, PORT_UNREACHABLE, sender);
+                put(buf, at, level, kind, err);
+                // SAFETY: CMSG_LEN is arithmetic, and `buf` starts with the header just written.
+                unsafe {
+                    let p = buf.0.as_mut_ptr().cast::<libc::cmsghdr>();
+                    let mut header = std::ptr::read_unaligned(p);
+                    header.cmsg_len = libc::CMSG_LEN(cut as _) as _;
+                    std::ptr::write_unaligned(p, header);
+                }
             });
-            assert_eq!(got, None, "{origin} {errno}");
+            assert_eq!(got, None, "cut at {cut}");
         }
-        // An error message cut short (MSG_CTRUNC): not read past its end.
-        let got = parse(|buf, at| {
-            let err = error(libc::SO_EE_ORIGIN_ICMP, libc::ECONNREFUSED);
-            put(buf, at, libc::IPPROTO_IP, libc::IP_RECVERR, err);
-            // SAFETY: CMSG_LEN is arithmetic, and `buf` starts with the header just written.
-            unsafe {
-                let p = buf.0.as_mut_ptr().cast::<libc::cmsghdr>();
-                let mut header = std::ptr::read_unaligned(p);
-                header.cmsg_len = libc::CMSG_LEN(4) as _;
-                std::ptr::write_unaligned(p, header);
-            }
-        });
-        assert_eq!(got, None);
+        let unnamed = libc::sockaddr_in {
+            sin_family: 0,
+            ..sender
+        };
+        let err = queued(libc::SO_EE_ORIGIN_ICMP, PORT_UNREACHABLE, unnamed);
+        assert_eq!(parse(|b, at| put(b, at, level, kind, err)), None);
         // Not an error message: a pktinfo alone.
         let got = parse(|buf, at| put(buf, at, libc::IPPROTO_IP, libc::IP_PKTINFO, [0u8; 12]));
         assert_eq!(got, None);

@@ -3,7 +3,7 @@
 //! the order they happened and `seq` grows in queue order; read by the application from a
 //! bounded queue, never by a callback on a core thread.
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
@@ -99,7 +99,10 @@ pub struct Event {
 pub(super) struct Presence {
     pub(super) registry: Registry,
     /// None once the server has stopped: readers then get what is queued, then nothing.
+    /// Unbounded as a channel (a bounded one takes memory for its bound at once); `capacity`
+    /// bounds it, checked under this lock, the only place events are queued.
     queue: Option<Sender<Event>>,
+    capacity: usize,
     seq: u64,
     /// Events not queued because the queue was full.
     pub(super) dropped: u64,
@@ -108,10 +111,11 @@ pub(super) struct Presence {
 impl Presence {
     /// The table, and a queue of `capacity` events with the end applications read from.
     pub(super) fn new(registry: Registry, capacity: usize) -> (Presence, Receiver<Event>) {
-        let (queue, events) = crossbeam_channel::bounded(capacity);
+        let (queue, events) = crossbeam_channel::unbounded();
         let presence = Presence {
             registry,
             queue: Some(queue),
+            capacity,
             seq: 0,
             dropped: 0,
         };
@@ -129,7 +133,8 @@ impl Presence {
             addr,
             time: SystemTime::now(),
         };
-        if let Err(TrySendError::Full(_)) = queue.try_send(event) {
+        // Fails only once every reader is gone (the server object with them): nobody to tell.
+        if queue.len() >= self.capacity || queue.send(event).is_err() {
             self.dropped += 1;
         }
     }

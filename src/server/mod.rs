@@ -276,9 +276,11 @@ impl Server {
             return Ok(false);
         };
         let end = shared.end(addr);
+        // Not cut short by a stop fired meanwhile: the client is gone from the table, so this
+        // is its only `end`.
         let until = net::Until {
-            stop: Some(self.workers.stop()),
-            deadline: None,
+            stop: None,
+            deadline: Some(Instant::now() + END_DEADLINE),
         };
         let outbox = sending.outbox();
         let ends = [(end.as_slice(), addr, member.local)];

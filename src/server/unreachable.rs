@@ -10,6 +10,7 @@ use log::info;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
 
 use super::receive::Receive;
 use super::{Reason, LOG_TARGET};
@@ -25,7 +26,7 @@ impl Receive<'_> {
         }
         let mut presence = lock(&shared.presence);
         if shared.keys.is_some() {
-            let paused = presence.registry.pause(to);
+            let paused = presence.registry.pause(to, Instant::now());
             drop(presence);
             if paused {
                 throttled!(
