@@ -46,10 +46,14 @@ def checksum(data: bytes) -> int:
     return int(~total & 0xFFFF)
 
 
-def forge_port_unreachable(server: Addr, victim: Addr) -> None:
-    """Sends `server` an ICMP type 3 code 3 (port unreachable) about a datagram the server sent
-    from its address to `victim`: the embedded IP and UDP headers say server -> victim (the UDP
-    checksum 0: none). Through a raw ICMP socket, which builds the outer IP header itself."""
+def forge_port_unreachable(
+    server: Addr, victim: Addr, sender: str | None = None, kind: tuple[int, int] = (3, 3)
+) -> None:
+    """Sends `server` an ICMP type 3 code 3 (port unreachable; or another `kind`) about a
+    datagram the server sent from its address to `victim`: the embedded IP and UDP headers say
+    server -> victim (the UDP checksum 0: none). Through a raw ICMP socket, which builds the
+    outer IP header itself, from `sender` if given (else the address the kernel picks: the
+    victim's own, 127.0.0.1, in this namespace)."""
     inner_udp = struct.pack("!HHHH", server[1], victim[1], 8 + 16, 0)
     inner_ip = struct.pack(
         "!BBHHHBBH4s4s",
@@ -57,9 +61,11 @@ def forge_port_unreachable(server: Addr, victim: Addr) -> None:
         socket.inet_aton(server[0]), socket.inet_aton(victim[0]),
     )  # fmt: skip
     inner_ip = inner_ip[:10] + struct.pack("!H", checksum(inner_ip)) + inner_ip[12:]
-    icmp = struct.pack("!BBHI", 3, 3, 0, 0) + inner_ip + inner_udp
+    icmp = struct.pack("!BBHI", *kind, 0, 0) + inner_ip + inner_udp
     icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        if sender is not None:
+            raw.bind((sender, 0))
         raw.sendto(icmp, (server[0], 0))
 
 
@@ -137,8 +143,10 @@ def validated() -> dict[str, Any]:
         result["attempts"] = attempts
         result["skipped_text"] = f"while paused {len(attempts) - 1}"
         result["stats_paused"] = server.stats()
-        # The next heartbeat ends the pause.
+        # The next heartbeat ends the pause; another forgery within the interval pauses nothing.
         result["heartbeat_after"] = next_heartbeat(server, me)
+        forge_port_unreachable(address(server), me)
+        time.sleep(0.02)
         server.broadcast("after its heartbeat")
         sent += 1
         victim.send("the victim speaks")
@@ -165,6 +173,11 @@ def open_mode() -> dict[str, Any]:
         assert wait_until(lambda: len(server.clients) == 2)
         server.events(1024, 0.1)
         forge_port_unreachable(address(server), ("127.0.0.3", 4444))  # nobody's
+        # Not the victim's own host speaking, or not a port unreachable: nothing happens.
+        forge_port_unreachable(address(server), me, sender="127.0.0.2")
+        forge_port_unreachable(address(server), me, kind=(11, 0))  # time exceeded
+        forge_port_unreachable(address(server), me, kind=(3, 1))  # host unreachable
+        result["ignored"] = server.next_event(0.3) is None and me in server.clients
         start = time.monotonic()
         forge_port_unreachable(address(server), me)
         event = server.next_event(2.0)

@@ -1143,3 +1143,22 @@ def test_a_level_lowered_while_running_takes_effect_within_a_second(
     assert shown < 1.5, shown
     joined = [r.getMessage() for r in handler.records if r.getMessage().endswith(" joined")]
     assert "{}:{} joined".format(*quiet_peer.getsockname()) not in joined
+
+
+def test_the_event_queue_takes_memory_for_what_it_holds_not_its_bound() -> None:
+    # In a process of its own, so its resident size says what this server took.
+    code = textwrap.dedent(
+        """
+        def rss():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("VmRSS:")) * 1024
+        from udpchat import ChatServerUdp
+        before = rss()
+        with ChatServerUdp(port=0, event_queue=10_000_000):
+            print(rss() - before)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout)
+    assert grown < 64 << 20, f"{grown:,} bytes for an empty queue of 10,000,000"
