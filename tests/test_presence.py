@@ -592,6 +592,11 @@ def test_kick_of_an_address_not_registered_returns_false(
     assert server.kick(["127.0.0.1", me[1] + 1 if me[1] < 65535 else 1]) is False
     assert server.kick(("::1", me[1])) is False
     quiet(server)
+    assert server.kick((f"::ffff:{me[0]}", me[1])) is True  # its mapped name does as well
+    assert recv(a) == b"end"
+    assert one(server).reason == "kicked"
+    register(a, server)
+    one(server)
     assert server.kick(list(me)) is True  # a list does as well as a tuple
     assert server.kick(me) is False  # already gone
     assert recv(a) == b"end"

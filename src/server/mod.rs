@@ -252,10 +252,13 @@ impl Server {
     /// False if it was not registered. No broadcast reaches it after this returns.
     pub fn kick(&self, addr: SocketAddr) -> Result<bool> {
         let shared = &self.shared;
-        // An IPv6 socket names IPv4 clients by their mapped addresses.
+        // An IPv6 socket names IPv4 clients by their mapped addresses, an IPv4 socket plainly.
         let addr = match addr {
             SocketAddr::V4(v4) if shared.local.is_ipv6() => {
                 SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            SocketAddr::V6(v6) if shared.local.is_ipv4() => {
+                SocketAddr::new(v6.ip().to_canonical(), v6.port())
             }
             addr => addr,
         };
