@@ -27,6 +27,9 @@ const ERROR_PAUSE: Duration = Duration::from_millis(1);
 /// once per entry (90 failures in a row were seen when 100 clients died at once, so a count
 /// would have to guess), and short enough that forged errors cannot hold a sender.
 const ICMP_RETRY_FOR: Duration = Duration::from_millis(50);
+/// Host or network unreachable this many times in a row is the datagram's own error (see
+/// `Retry`), not the pending error of an ICMP report.
+const OWN_UNREACHABLE: u32 = 8;
 /// The longest the receive loop goes on reading datagrams without reading the error queue: its
 /// entries are charged to the socket's receive buffer (a full queue made a socket drop 99 of
 /// 100 datagrams), and poll, which tells of them, is only called once no datagram is waiting.
@@ -253,15 +256,16 @@ pub fn is_icmp_error(e: &io::Error) -> bool {
 /// again as it is, goes out. Which peer the error was about is the receive loop's to learn, from
 /// the error queue; the sender need not read it. `ECONNREFUSED` only ever comes that way. Host
 /// and network unreachable also come at once for the datagram's own sake, when no route leads
-/// to its destination (or from its source address): failing again straight away, it is taken
-/// to be that. Errors forged fast enough to fail every try could hold the sender, so a datagram
+/// to its destination (or from its source address): failing `OWN_UNREACHABLE` times in a row,
+/// it is taken to be that (not twice: a flood of ICMP errors, even of kinds nobody acts on,
+/// fails sends that often, and cost live clients broadcasts). Errors forged fast enough to fail every try could hold the sender, so a datagram
 /// that has failed for `ICMP_RETRY_FOR` is not tried again.
 #[derive(Default)]
 struct Retry {
     /// When this datagram first failed with an ICMP error.
     since: Option<Instant>,
-    /// The last try of this datagram failed with host or network unreachable.
-    unreachable: bool,
+    /// The tries of this datagram that failed with host or network unreachable in a row.
+    unreachable: u32,
 }
 
 impl Retry {
@@ -271,11 +275,11 @@ impl Retry {
             e.kind(),
             ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable
         );
-        let again = is_icmp_error(e) && !self.exhausted() && !(unreachable && self.unreachable);
+        self.unreachable = if unreachable { self.unreachable + 1 } else { 0 };
+        let again = is_icmp_error(e) && !self.exhausted() && self.unreachable < OWN_UNREACHABLE;
         if again {
             self.since.get_or_insert_with(Instant::now);
         }
-        self.unreachable = unreachable;
         again
     }
 
@@ -1081,8 +1085,15 @@ mod tests {
         time(usage.ru_utime) + time(usage.ru_stime)
     }
 
-    /// An address on `ip` where no socket listens: a client whose process died.
+    /// An address on `ip` where no socket listens: a client whose process died. For IPv4
+    /// loopback it is on 127.42.0.1, which no other test binds: the port freed here may be bound
+    /// at once by a test running beside this one, which would then get the datagrams sent to
+    /// the "dead" port (a client in the two-server loop test once got 1,456).
     fn dead_port(ip: IpAddr) -> SocketAddr {
+        let ip = match ip {
+            IpAddr::V4(v4) if v4 == Ipv4Addr::LOCALHOST => Ipv4Addr::new(127, 42, 0, 1).into(),
+            ip => ip,
+        };
         UdpSocket::bind(SocketAddr::new(ip, 0))
             .unwrap()
             .local_addr()

@@ -32,8 +32,8 @@ pub struct Member {
     bytes: AtomicU64,
     /// `^hb^` datagrams received from it.
     heartbeats: AtomicU64,
-    /// When it was last paused (a stamp), with `PAUSED` set while sends to it are skipped,
-    /// until it is heard from again (see [`Registry::pause`]); 0 if never.
+    /// When it was last paused (a stamp), with `PAUSED` set until it is heard from again (see
+    /// [`Registry::pause`]); 0 if never.
     pause: AtomicU64,
 }
 
@@ -66,14 +66,15 @@ impl Member {
         }
         // Only ever set by an ICMP error, so a store that changes nothing is not worth its
         // cache-line write on every message.
-        if self.is_paused() {
+        if self.pause.load(Ordering::Relaxed) & PAUSED != 0 {
             self.pause.fetch_and(!PAUSED, Ordering::Relaxed);
         }
     }
 
-    /// Whether sends to it are paused.
-    pub fn is_paused(&self) -> bool {
-        self.pause.load(Ordering::Relaxed) & PAUSED != 0
+    /// Whether sends to it are paused at `now` (a stamp).
+    pub fn is_paused(&self, now: u64) -> bool {
+        let pause = self.pause.load(Ordering::Relaxed);
+        pause & PAUSED != 0 && now.saturating_sub(pause & !PAUSED) < MAX_PAUSE
     }
 }
 
@@ -126,8 +127,12 @@ impl PartialEq for Entry {
 
 impl Eq for Entry {}
 
-/// The flag of `Member::pause` that says sends to it are skipped.
+/// The flag of `Member::pause` that says it has not been heard from since.
 const PAUSED: u64 = 1 << 63;
+/// How long a pause lasts at most, in nanoseconds, if the client is not heard from before: a
+/// forged report can cost a live client no more, and a dead one is paused again by the report
+/// the next send to it draws.
+const MAX_PAUSE: u64 = 1_000_000_000;
 
 /// The list of members the fan-out sends to; shared, never copied per broadcast.
 pub type Members = Arc<[Arc<Member>]>;
@@ -273,18 +278,19 @@ impl Registry {
         removed
     }
 
-    /// Skips sends to `addr` until it is next heard from, unless it was paused already within
-    /// the last `interval`: a client that answered after a pause has shown it is there, so a
-    /// stream of reports (forged, say) costs it at most one pause an interval. Returns true if
-    /// it paused a registered client.
+    /// Skips sends to `addr` until it is next heard from, for a second at most; unless it is
+    /// paused now, or was heard from after a pause within the last `interval`: it has shown it
+    /// is there, so a stream of reports (forged, say) costs it at most a second an interval.
+    /// Returns true if it paused a registered client.
     pub fn pause(&self, addr: SocketAddr, now: Instant) -> bool {
         let Some(Entry(member)) = self.members.get(&addr) else {
             return false;
         };
         let stamp = self.clock.stamp(now);
         let last = member.pause.load(Ordering::Relaxed);
-        let recent = last != 0 && stamp.saturating_sub(last & !PAUSED) < self.clock.interval;
-        if last & PAUSED != 0 || recent {
+        let since = stamp.saturating_sub(last & !PAUSED);
+        let answered = last != 0 && last & PAUSED == 0 && since < self.clock.interval;
+        if member.is_paused(stamp) || answered {
             return false;
         }
         // Stamps count nanoseconds from the epoch: the top bit is free for centuries.
@@ -592,21 +598,27 @@ mod tests {
             expected
         );
         // A pause holds until the member is heard from, whatever it sends.
+        let clock = r.clock();
+        let stamp = |t: Instant| clock.stamp(t);
         assert!(r.pause(addr(1), t2));
         assert!(!r.pause(addr(1), t2), "already paused");
         assert!(!r.pause(addr(2), t2), "not registered");
-        assert!(r.members()[0].is_paused());
+        assert!(r.members()[0].is_paused(stamp(t2)));
         r.touch(addr(1), "127.0.0.2".parse().ok(), t2, Activity::Register);
-        assert!(!r.members()[0].is_paused());
+        assert!(!r.members()[0].is_paused(stamp(t2)));
         // Heard from after a pause: no other pause within the interval, moved or not.
         let t3 = t2 + Duration::from_secs(9);
         assert!(!r.pause(addr(1), t3));
         r.touch(addr(1), "127.0.0.3".parse().ok(), t3, Activity::Heartbeat);
         assert!(!r.pause(addr(1), t3));
-        assert!(!r.members()[0].is_paused());
+        assert!(!r.members()[0].is_paused(stamp(t3)));
         let t4 = t2 + Duration::from_secs(10);
         assert!(r.pause(addr(1), t4));
-        assert!(r.members()[0].is_paused());
+        // A second at most; one not heard from may then be paused again at once.
+        let second = Duration::from_secs(1);
+        assert!(r.members()[0].is_paused(stamp(t4 + second - Duration::from_nanos(1))));
+        assert!(!r.members()[0].is_paused(stamp(t4 + second)));
+        assert!(r.pause(addr(1), t4 + second));
         // The silent are not peers.
         assert!(r.peers(t3 + Duration::from_secs(11)).is_empty());
     }

@@ -166,7 +166,7 @@ impl Shared {
             part.iter()
                 .filter(move |m| {
                     let live = clock.is_live(m, now);
-                    let skip = live && m.is_paused();
+                    let skip = live && m.is_paused(now);
                     paused.set(paused.get() + u64::from(skip));
                     live && !skip
                 })

@@ -25,6 +25,11 @@ pub(super) const RECV_BATCH: usize = 32;
 /// about a quarter of the message rate).
 const INLINE_FANOUT: usize = 256;
 
+/// Refused addresses told apart at most (see `Receive::refusals`), whatever `event_queue` is:
+/// a flood of new sources then queues at most this many refusals, not one per source up to a
+/// queue of millions.
+const MAX_REFUSALS: usize = 65_536;
+
 /// The receiver's state: control words update the table; each batch's messages go to the
 /// fan-out as one job, their broadcast datagrams built once.
 pub(super) struct Receive<'a> {
@@ -71,7 +76,8 @@ impl<'a> Receive<'a> {
             }),
             refusals: {
                 let interval = shared.config.interval.as_secs_f64().max(1e-3);
-                RateLimiter::with_burst(1.0 / interval, 1.0, shared.config.event_queue.max(1024))
+                let addresses = shared.config.event_queue.clamp(1024, MAX_REFUSALS);
+                RateLimiter::with_burst(1.0 / interval, 1.0, addresses)
             },
             swept: Instant::now(),
             guard: LoopGuard::new(shared.local),
