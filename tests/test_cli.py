@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
 import queue
 import re
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import sysconfig
+import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import pytest
@@ -31,18 +35,24 @@ class Proc:
     """A `python -m udpchat` subprocess whose output lines are read by threads, so a test can
     wait for a line with a timeout."""
 
-    def __init__(self, *args: str, env: dict[str, str] = ENV, read_stdout: bool = True) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] = ENV,
+        read_stdout: bool = True,
+        stdout: int = subprocess.PIPE,
+    ) -> None:
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "udpchat", *args],
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
         self.lines: dict[str, queue.Queue[str]] = {"stdout": queue.Queue(), "stderr": queue.Queue()}
         self.pumps: dict[str, threading.Thread] = {}
-        streams = [("stdout", self.popen.stdout)] if read_stdout else []
+        streams = [("stdout", self.popen.stdout)] if read_stdout and self.popen.stdout else []
         for name, stream in [*streams, ("stderr", self.popen.stderr)]:
             pump = threading.Thread(target=self._pump, args=(stream, self.lines[name]), daemon=True)
             pump.start()
@@ -318,3 +328,195 @@ def test_event_lines_leave_nothing_to_complain_about_at_exit() -> None:
     finally:
         os.close(w)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def _unread(stream: IO[str]) -> int:
+    """Bytes written into a pipe and not read from it yet."""
+    buf = fcntl.ioctl(stream.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
+
+
+def _churn(address: tuple[str, int], socks: list[socket.socket]) -> None:
+    """Each socket joins (`reg`) and leaves (`quit`): two events each, about 100 bytes of JSON."""
+    for sock in socks:
+        sock.sendto(b"reg", address)
+    for sock in socks:
+        sock.sendto(b"quit", address)
+    time.sleep(0.002)  # a burst the server's receive buffer holds, then a pause
+
+
+def _fill(address: tuple[str, int], socks: list[socket.socket], stdout: IO[str]) -> None:
+    """Events until the pipe to `stdout` is full, and as much again for the server to hold."""
+    # Full: it holds no more, however many events come. (Lines are written whole, so its pages
+    # are not all filled to the last byte.)
+    capacity = fcntl.fcntl(stdout.fileno(), fcntl.F_GETPIPE_SZ)
+    unread, same = 0, 0
+    for _ in range(1000):  # at most 100,000 events
+        _churn(address, socks)
+        same, unread = (same + 1 if _unread(stdout) == unread else 0), _unread(stdout)
+        if unread >= capacity // 2 and same >= 10:
+            break
+    else:
+        pytest.fail(f"the pipe never filled: {unread} of {capacity} bytes")
+    for _ in range(capacity // (100 * 2 * len(socks)) + 1):
+        _churn(address, socks)
+
+
+def _seqs(lines: list[str]) -> list[int]:
+    """The `seq` of each line, every one a whole JSON event, in increasing order."""
+    seqs = []
+    for line in lines:
+        seq = _event(line)["seq"]
+        assert isinstance(seq, int), line
+        seqs.append(seq)
+    assert seqs == sorted(set(seqs)), "out of order"
+    return seqs
+
+
+def _logged(logs: list[str], pattern: str) -> int:
+    """The number in the one log line matching `pattern`, 0 if there is none."""
+    found = [m for line in logs if (m := re.search(pattern, line))]
+    assert len(found) <= 1, found
+    return int(found[0].group(1)) if found else 0
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_serve_events_stops_at_once_when_nobody_reads_its_stdout(
+    signals: int,
+    many_sockets: Callable[[int], list[socket.socket]],
+    figure: Callable[[str], None],
+) -> None:
+    # `udpchat serve --events | less`, the pager paused: the pipe fills, and SIGTERM must still
+    # stop the server, end its clients' chat and exit, with whole lines in the pipe: after 2 s
+    # of trying to write the rest, or at a second SIGTERM.
+    server = Proc(
+        "serve", "--port", "0", "--interval", "5", "--events", env=BUFFERED, read_stdout=False
+    )
+    stdout = server.popen.stdout
+    assert stdout is not None
+    try:
+        m = server.expect("stderr", r"serving on 127\.0\.0\.1:(\d+)")
+        address = ("127.0.0.1", int(m.group(1)))
+        stayers = many_sockets(2)
+        for sock in stayers:
+            sock.sendto(b"reg", address)
+        _fill(address, many_sockets(50), stdout)
+        start = time.monotonic()
+        server.popen.send_signal(signal.SIGTERM)
+        if signals == 2:
+            time.sleep(0.3)
+            server.popen.send_signal(signal.SIGTERM)
+        try:
+            code = server.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still running 10 s after SIGTERM")
+        took = time.monotonic() - start
+        figure(
+            f"serve --events, stdout a full pipe nobody reads: SIGTERM to exit {took:.3f} s"
+            + (" (a second SIGTERM 0.3 s after the first)" if signals == 2 else "")
+        )
+        assert code == 0
+        assert took < (1.5 if signals == 2 else 10)
+        assert [recv(sock, timeout=0.1) for sock in stayers] == [b"end", b"end"]
+        # What did reach the pipe is whole lines, in order; the rest is counted in the logs.
+        seqs = _seqs(stdout.readlines())
+        logs = server.rest("stderr")
+        assert _logged(logs, r"(\d+) events not written") > 0, logs
+        assert ("before a second signal" in "".join(logs)) == (signals == 2), logs
+        assert "Traceback" not in "".join(logs), logs
+        assert len(seqs) > 400, len(seqs)
+    finally:
+        server.close()
+
+
+def test_serve_events_gives_a_slow_reader_every_event_in_order_or_counts_it_dropped(
+    many_sockets: Callable[[int], list[socket.socket]],
+) -> None:
+    # A reader slower than the events: the server's own queue fills and drops what does not fit
+    # (a gap in seq); meanwhile, and once the reader has paused with the pipe full, SIGTERM ends
+    # the clients' chat at once; the reader then reads on and gets the rest, stop leaves last.
+    server = Proc(
+        "serve", "--port", "0", "--interval", "5", "--events", env=BUFFERED, read_stdout=False
+    )
+    stdout = server.popen.stdout
+    assert stdout is not None
+    fd = stdout.fileno()  # read as bytes, Python's buffer bypassed
+    got = bytearray()
+    try:
+        m = server.expect("stderr", r"serving on 127\.0\.0\.1:(\d+)")
+        address = ("127.0.0.1", int(m.group(1)))
+        stayers = many_sockets(2)
+        for sock in stayers:
+            sock.sendto(b"reg", address)
+        socks = many_sockets(50)
+        # 20,000 events (2 MB), 4 KB read after each 100 (10 KB): more than the queue holds.
+        for _ in range(200):
+            _churn(address, socks)
+            got += os.read(fd, 4096)
+        # The reader catches up: nothing more to read for half a second.
+        while select.select([fd], [], [], 0.5)[0]:
+            got += os.read(fd, 65536)
+        # Paused: the pipe fills again, the server holds the rest, and SIGTERM.
+        _fill(address, socks, stdout)
+        server.popen.send_signal(signal.SIGTERM)
+        assert [recv(sock, timeout=1.0) for sock in stayers] == [b"end", b"end"]
+        while data := os.read(fd, 65536):  # reads on, to the end
+            got += data
+        assert server.popen.wait(5) == 0
+        lines = got.decode().splitlines(keepends=True)
+        seqs = _seqs(lines)
+        logs = server.rest("stderr")
+        dropped = _logged(logs, r"(\d+) events dropped")
+        assert dropped > 0, logs  # the queue did fill
+        # Every seq up to the last is here, but those the queue dropped.
+        assert seqs[-1] == len(seqs) + dropped, (len(seqs), dropped, seqs[-1])
+        # Last, a stop leave for each client still registered (a churning one whose `quit` was
+        # lost too).
+        reasons = [json.loads(line)["reason"] for line in lines]
+        stops = reasons.count("stop")
+        assert stops >= 2 and reasons[-stops:] == ["stop"] * stops, reasons[-5:]
+        left = {tuple(json.loads(line)["addr"]) for line in lines[-stops:]}
+        assert {sock.getsockname() for sock in stayers} <= left
+        assert not _logged(logs, r"(\d+) events not written"), logs
+    finally:
+        server.close()
+
+
+def test_serve_events_stops_on_a_terminal_that_takes_a_little_then_nothing(
+    many_sockets: Callable[[int], list[socket.socket]], figure: Callable[[str], None]
+) -> None:
+    # `udpchat serve --events` on a terminal that stops showing output (its logs go elsewhere).
+    # A terminal says it takes a write when it has room for one byte, then takes what fits and
+    # waits for room for the rest: after SIGTERM, room for a few bytes must not let the last
+    # writes wait past their 2 s.
+    primary, secondary = pty.openpty()
+    server = Proc(
+        "serve", "--port", "0", "--interval", "5", "--events", env=BUFFERED, stdout=secondary
+    )
+    os.close(secondary)
+    try:
+        m = server.expect("stderr", r"serving on 127\.0\.0\.1:(\d+)")
+        address = ("127.0.0.1", int(m.group(1)))
+        stayers = many_sockets(2)
+        for sock in stayers:
+            sock.sendto(b"reg", address)
+        socks = many_sockets(50)
+        for _ in range(60):  # 6,000 events, 600 KB: far more than the terminal holds
+            _churn(address, socks)
+        start = time.monotonic()
+        server.popen.send_signal(signal.SIGTERM)
+        assert [recv(sock, timeout=1.0) for sock in stayers] == [b"end", b"end"]
+        os.read(primary, 300)  # a little room, then no more
+        try:
+            code = server.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("still running 10 s after SIGTERM")
+        took = time.monotonic() - start
+        figure(f"serve --events, a terminal that stops reading: SIGTERM to exit {took:.3f} s")
+        assert code == 0
+        logs = server.rest("stderr")
+        assert _logged(logs, r"(\d+) events not written") > 0, logs
+        assert "Traceback" not in "".join(logs), logs
+    finally:
+        server.close()
+        os.close(primary)

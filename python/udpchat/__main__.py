@@ -13,6 +13,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import unicodedata
 from collections.abc import Iterable, Sequence
 from types import FrameType
@@ -21,9 +22,18 @@ from typing import TextIO
 from ._udpchat import MAX_DATAGRAM, ChatClientUdp, ChatServerUdp, Event, Message, __version__
 
 PROMPT = "> "
-# How long `serve --events` waits for events at a time before it looks for a signal and for a
-# closed standard output: the most either can wait to be noticed.
+# How long `serve --events` waits for events (or for its output to take what it has) at a time
+# before it looks for a signal and for a closed standard output: the most either can wait to be
+# noticed.
 EVENT_SLICE = 0.1
+# `serve --events` holds at most about this many bytes of lines its output has not taken yet:
+# past it, it takes no more events from the server, whose own bounded queue then fills and counts
+# what it drops.
+EVENT_BACKLOG = 64 * 1024
+# Events taken from the server at a time.
+EVENT_BATCH = 256
+# After a stop, how long `serve --events` goes on writing what is left before it drops it.
+EVENT_LAST_WRITE = 2.0
 # Sent by `chat`'s printing thread to its main thread when the server ends the chat.
 WAKE_SIGNAL = signal.SIGUSR1
 
@@ -98,10 +108,11 @@ def _parser() -> argparse.ArgumentParser:
 class _StopSignals:
     """SIGINT (unless it was ignored when the program started) and SIGTERM ask to stop: the first
     one is noted, never raised as an exception, so no signal, one or several, can interrupt a
-    start or a stop half done."""
+    start or a stop half done. Later ones are counted."""
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.count = 0
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
@@ -113,27 +124,71 @@ class _StopSignals:
                 signal.signal(signum, self._note)
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
         if self.received is None:
             self.received = signum
+
+    def fileno(self) -> int:
+        """Readable once a signal has come, until `drain()`: to wait on with other files."""
+        return self._read
+
+    def drain(self) -> None:
+        """Reads what signals wrote to `fileno()`: (being Python code) runs their handlers."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._read, 512)
 
     def wait(self, timeout: float) -> None:
         """Returns once a signal has come, or after `timeout` seconds."""
         if self.received is None:
             select.select([self._read], [], [], timeout)
-            with contextlib.suppress(BlockingIOError):
-                os.read(self._read, 512)
+            self.drain()
 
 
 class _EventLines:
-    """`serve --events`'s output: each event as one JSON object on a line of `out`, flushed at
-    once. Once `out` is closed (its reader went away) it writes nothing more."""
+    """`serve --events`'s output: each event as one JSON object on a line of `out`, written as
+    soon as `out` takes it, never waiting for it: written straight to its file descriptor (no
+    Python buffer, whose flush would block), only when `poll` says it takes a write, at most
+    PIPE_BUF bytes of whole lines at a time. A pipe that says so has a free page and takes such a
+    write whole at once, so a pipe nobody reads gets whole lines and never blocks this thread
+    (the only one: a thread blocked in a write would hold the stream's lock past exit); a file
+    takes it without waiting long; a terminal, written through a non-blocking file description
+    of its own, takes what it has room for. The lines `out` does not take yet wait here. Once
+    `out` is closed (its reader went away) it writes nothing more."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, signals: _StopSignals | None = None) -> None:
         self.out = out
         self.closed = False
-        self._poll = select.poll()
+        # Python's buffer stays empty from here on: its flush at exit has nothing to wait for.
+        out.flush()
+        self._fd = out.fileno()
+        self._out = self._terminal(self._fd)
+        # Whole lines `out` has not taken, the first perhaps in part (a terminal takes what it
+        # has room for, a socket part of a write a signal interrupts).
+        self._unwritten = bytearray()
+        self._signals = signals
         # POLLERR and POLLHUP are reported whatever is asked: a pipe whose reader is gone.
-        self._poll.register(out.fileno(), 0)
+        self._poll = select.poll()
+        self._poll.register(self._out, select.POLLOUT)
+        # The same, and a signal: what a wait for room waits for.
+        self._wait = select.poll()
+        self._wait.register(self._out, select.POLLOUT)
+        if signals is not None:
+            self._wait.register(signals.fileno(), select.POLLIN)
+
+    @staticmethod
+    def _terminal(fd: int) -> int:
+        """Where to write lines for `fd`: `fd` itself, but for a terminal, one opened anew.
+        A terminal says it takes a write when it has room for one byte, then takes a write in
+        part and waits for room for the rest: so its lines go through a file description of
+        their own, non-blocking, which leaves `fd`'s (the shell's) as it is."""
+        if not os.isatty(fd):
+            return fd
+        flags = os.O_WRONLY | os.O_NOCTTY | os.O_NONBLOCK
+        with contextlib.suppress(OSError):
+            return os.open(f"/proc/self/fd/{fd}", flags)  # Linux, whatever the terminal's name
+        with contextlib.suppress(OSError):
+            return os.open(os.ttyname(fd), flags)
+        return fd  # then a write may wait for a terminal that does not read
 
     @staticmethod
     def line(ev: Event) -> str:
@@ -149,31 +204,111 @@ class _EventLines:
         return json.dumps(fields)
 
     def write(self, events: Iterable[Event]) -> bool:
-        """Writes `events`; False once the output is closed."""
+        """Adds `events` to what waits and writes what `out` takes now; False once it is
+        closed."""
         if self.closed:
             return False
-        try:
-            for ev in events:
-                self.out.write(self.line(ev) + "\n")
-                self.out.flush()
-        except BrokenPipeError:
-            self._close()
+        for ev in events:
+            self._unwritten += (self.line(ev) + "\n").encode()
+        self.send()
         return not self.closed
+
+    def follow(self, server: ChatServerUdp, timeout: float) -> bool:
+        """One turn of serving: takes events from `server` unless `EVENT_BACKLOG` bytes wait
+        here, and writes what `out` takes. With nothing waiting, waits up to `timeout` seconds
+        for an event; else as long for `out` to take some (or a signal). False once `out` is
+        closed."""
+        if not self._unwritten:
+            self.write(server.events(EVENT_BATCH, timeout=timeout))
+        else:
+            if len(self._unwritten) < EVENT_BACKLOG:
+                self.write(server.events(EVENT_BATCH, timeout=0))
+            self.send(timeout)
+        return not self.reader_gone()
+
+    def finish(self, server: ChatServerUdp, timeout: float) -> None:
+        """Once `server` has stopped: writes what waits and what it still queues, for up to
+        `timeout` seconds or until a further signal comes, then drops what is left, counted in
+        one log line (an event written in part counts)."""
+        deadline = time.monotonic() + timeout
+        signals = self._signals.count if self._signals is not None else 0
+        cut_short = False
+        while not self.closed:
+            taken = []
+            if len(self._unwritten) < EVENT_BACKLOG:
+                self.write(taken := server.events(EVENT_BATCH, timeout=0))
+            if not taken and not self._unwritten:
+                break
+            cut_short = self._signals is not None and self._signals.count > signals
+            left = deadline - time.monotonic()
+            if cut_short or left <= 0:
+                break
+            self.send(left)
+        unwritten = self._unwritten.count(b"\n")
+        self._unwritten.clear()
+        while queued := server.events(EVENT_BATCH, timeout=0):
+            unwritten += len(queued)
+        if unwritten and not self.closed:
+            logging.getLogger("udpchat").warning(
+                "stopping: %d events not written: standard output did not take them %s",
+                unwritten,
+                "before a second signal" if cut_short else f"within {timeout:g} s",
+            )
+
+    def send(self, timeout: float = 0.0) -> None:
+        """Writes what `out` takes now; if lines are left, waits up to `timeout` seconds for
+        `out` to take more (less if a signal comes) and writes that too."""
+        self._send_now()
+        if self._unwritten and timeout > 0 and not self.closed:
+            ready = self._wait.poll(max(1, round(timeout * 1000)))
+            if self._signals is not None and any(fd != self._out for fd, _ in ready):
+                self._signals.drain()
+            self._send_now()
+
+    def _send_now(self) -> None:
+        while self._unwritten and self._takes_a_write():
+            # Whole lines up to PIPE_BUF bytes (the first alone if it is longer, which no event
+            # is): what a pipe with room takes whole.
+            end = self._unwritten.rfind(b"\n", 0, select.PIPE_BUF) + 1
+            if end == 0:
+                end = self._unwritten.find(b"\n") + 1
+            try:
+                written = os.write(self._out, self._unwritten[:end])
+            except (BrokenPipeError, ConnectionResetError):
+                self._close()
+                return
+            except BlockingIOError:  # a terminal with no room after all, or a non-blocking fd
+                return
+            del self._unwritten[:written]
+
+    def _takes_a_write(self) -> bool:
+        """`out` takes a write now; if it is gone instead, closes."""
+        mask = 0
+        for _, events in self._poll.poll(0):
+            mask |= events
+        if mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+            self._close()
+            return False
+        return bool(mask & select.POLLOUT)
 
     def reader_gone(self) -> bool:
         """True once the output is a pipe (or socket) nobody reads any more, written to or not."""
         if not self.closed and any(
-            mask & (select.POLLERR | select.POLLHUP) for _, mask in self._poll.poll(0)
+            mask & (select.POLLERR | select.POLLHUP | select.POLLNVAL)
+            for _, mask in self._poll.poll(0)
         ):
             self._close()
         return self.closed
 
     def _close(self) -> None:
         # What could not be written is dropped, and the standard output now goes nowhere, so
-        # Python's last flush at exit has nothing to complain about.
+        # nothing written to it later, Python's last flush at exit included, can fail.
         self.closed = True
+        self._unwritten.clear()
+        if self._out != self._fd:
+            os.close(self._out)
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self.out.fileno())
+        os.dup2(devnull, self._fd)
         os.close(devnull)
         logging.getLogger("udpchat").info("stopping: standard output was closed")
 
@@ -181,8 +316,16 @@ class _EventLines:
 def serve(server: ChatServerUdp, stop: _StopSignals, events: bool = False) -> int:
     """Run a server until SIGINT or SIGTERM, logging joins, leaves and expiries; with `events`,
     print each event on stdout too, until stdout is closed, which stops it as a signal does."""
+    if not events:
+        return _serve(server, stop, None)
+    lines = _EventLines(sys.stdout, stop)
+    # The events alone go to the standard output: anything else printed goes to the logs'.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _serve(server, stop, lines)
+
+
+def _serve(server: ChatServerUdp, stop: _StopSignals, lines: _EventLines | None) -> int:
     ip = server.ip
-    lines = _EventLines(sys.stdout) if events else None
     try:
         server.start()
     except OSError as e:
@@ -199,19 +342,28 @@ def serve(server: ChatServerUdp, stop: _StopSignals, events: bool = False) -> in
         while stop.received is None and server.running:
             if lines is None:
                 stop.wait(timeout=1.0)
-            # A signal is only noted while `events` waits: it is seen when the slice ends.
-            elif not lines.write(server.events(timeout=EVENT_SLICE)) or lines.reader_gone():
+            # A signal that comes while `events` waits is seen when the slice ends.
+            elif not lines.follow(server, EVENT_SLICE):
                 break
     finally:
         try:
-            # Sends `end` to every client; further signals are only noted.
+            # Sends `end` to every client, whatever the output does; further signals are only
+            # noted.
             server.stop()
         finally:
-            # The events before the stop, and a 'stop' leave for each client sent `end`: all
-            # queued by now, and nothing is queued after them.
-            while lines is not None and (queued := server.events(timeout=0)):
-                if not lines.write(queued):
-                    break
+            if lines is not None:
+                # The events before the stop, and a 'stop' leave for each client sent `end`: all
+                # queued by now, and nothing is queued after them.
+                lines.finish(server, EVENT_LAST_WRITE)
+                dropped = 0
+                with contextlib.suppress(RuntimeError):  # not to hide why a server thread died
+                    dropped = server.stats()["events_dropped"]
+                if dropped:
+                    logging.getLogger("udpchat").warning(
+                        "%d events dropped: the event queue was full (standard output not read "
+                        "fast enough)",
+                        dropped,
+                    )
     return EXIT_OK
 
 
