@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,14 +47,10 @@ def checksum(data: bytes) -> int:
     return int(~total & 0xFFFF)
 
 
-def forge_port_unreachable(
-    server: Addr, victim: Addr, sender: str | None = None, kind: tuple[int, int] = (3, 3)
-) -> None:
-    """Sends `server` an ICMP type 3 code 3 (port unreachable; or another `kind`) about a
-    datagram the server sent from its address to `victim`: the embedded IP and UDP headers say
-    server -> victim (the UDP checksum 0: none). Through a raw ICMP socket, which builds the
-    outer IP header itself, from `sender` if given (else the address the kernel picks: the
-    victim's own, 127.0.0.1, in this namespace)."""
+def icmp_error(server: Addr, victim: Addr, kind: tuple[int, int] = (3, 3)) -> bytes:
+    """An ICMP type 3 code 3 (port unreachable; or another `kind`) about a datagram the server
+    sent from its address to `victim`: the embedded IP and UDP headers say server -> victim (the
+    UDP checksum 0: none)."""
     inner_udp = struct.pack("!HHHH", server[1], victim[1], 8 + 16, 0)
     inner_ip = struct.pack(
         "!BBHHHBBH4s4s",
@@ -62,11 +59,24 @@ def forge_port_unreachable(
     )  # fmt: skip
     inner_ip = inner_ip[:10] + struct.pack("!H", checksum(inner_ip)) + inner_ip[12:]
     icmp = struct.pack("!BBHI", *kind, 0, 0) + inner_ip + inner_udp
-    icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
-        if sender is not None:
-            raw.bind((sender, 0))
-        raw.sendto(icmp, (server[0], 0))
+    return icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
+
+
+def raw_icmp(sender: str | None = None) -> socket.socket:
+    """A raw ICMP socket, which builds the outer IP header itself: from `sender` if given (else
+    the address the kernel picks: the victim's own, 127.0.0.1, in this namespace)."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    if sender is not None:
+        raw.bind((sender, 0))
+    return raw
+
+
+def forge_port_unreachable(
+    server: Addr, victim: Addr, sender: str | None = None, kind: tuple[int, int] = (3, 3)
+) -> None:
+    """Sends `server` the ICMP error `icmp_error` makes, from `sender` (see `raw_icmp`)."""
+    with raw_icmp(sender) as raw:
+        raw.sendto(icmp_error(server, victim, kind), (server[0], 0))
 
 
 def texts(client: ChatClientUdp, wait: float, count: int = 1000) -> list[str]:
@@ -212,12 +222,61 @@ def not_dropping() -> dict[str, Any]:
     return result
 
 
+def ignored_flood(kind: tuple[int, int]) -> dict[str, Any]:
+    """A flood of ICMP errors the server acts on in no mode (`kind`, about one of 8 clients, from
+    an address of the attacker's own) while 300 messages are relayed: each error still fails
+    one of the socket's sends (IP_RECVERR makes every ICMP error the socket's pending error),
+    which must be tried again, so every client gets every broadcast. Bounded: 3 s or 300,000
+    packets."""
+    result: dict[str, Any] = {}
+    server = ChatServerUdp(SERVER_IP, 0, interval=10.0)
+    with server:
+        clients = [ChatClientUdp(*address(server), interval=5.0) for _ in range(8)]
+        for c in clients:
+            c.start()
+        try:
+            assert wait_until(lambda: len(server.clients) == len(clients))
+            victim, talker = clients[0], clients[-1]
+            assert victim.address is not None
+            target = victim.address
+            done = threading.Event()
+            forged = [0]
+
+            def flood() -> None:
+                packet = icmp_error(address(server), target, kind)
+                end = time.monotonic() + 3.0
+                with raw_icmp("127.0.0.2") as raw:
+                    while not done.is_set() and forged[0] < 300_000 and time.monotonic() < end:
+                        raw.sendto(packet, (SERVER_IP, 0))
+                        forged[0] += 1
+
+            flooder = threading.Thread(target=flood)
+            flooder.start()
+            try:
+                for i in range(300):
+                    talker.send(f"m{i}")
+                    time.sleep(0.005)
+            finally:
+                done.set()
+                flooder.join()
+            result["forged"] = forged[0]
+            result["got"] = [len(texts(c, 1.0)) for c in clients]
+            result["registered"] = target in server.clients
+            result["stats"] = server.stats()
+        finally:
+            for c in clients:
+                c.stop()
+    return result
+
+
 def main() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     results = {
         "validated": validated(),
         "open": open_mode(),
         "not_dropping": not_dropping(),
+        "time_exceeded_flood": ignored_flood((11, 0)),
+        "host_unreachable_flood": ignored_flood((3, 1)),
     }
     json.dump(results, sys.stdout)
 
