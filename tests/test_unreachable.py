@@ -599,7 +599,7 @@ def test_a_flood_of_icmp_errors_nobody_acts_on_costs_no_broadcast(
     forged: dict[str, Any], flood: str, figure: Figure
 ) -> None:
     result = forged[flood]
-    figure(f"{flood}: {result['forged']} forged in 3 s; messages each of 8 clients got {result['got']}")
+    figure(f"{flood}: {result['forged']} forged in 3 s; each of 8 clients got {result['got']}")
     assert result["forged"] > 1000  # a flood indeed
     stats = result["stats"]
     # What the server relayed reached every client (the error queue, charged to the receive
