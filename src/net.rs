@@ -62,6 +62,25 @@ pub fn report_unreachable(socket: &UdpSocket) -> io::Result<()> {
     errqueue::enable(socket, socket.local_addr()?.is_ipv6())
 }
 
+/// Sets a socket option that is an int flag to 1.
+fn turn_on(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from `on`, of the length given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Every address of this host's interfaces (getifaddrs(3)), for a server bound to a wildcard
 /// address to know which sources are itself.
 pub fn local_ips() -> io::Result<Vec<IpAddr>> {

@@ -181,6 +181,19 @@ def make_client() -> Iterator[Callable[..., ChatClientUdp]]:
         client.stop()
 
 
+def _has_ipv6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+# Whether this machine has IPv6 loopback (::1), for tests to skip without it.
+HAS_IPV6 = _has_ipv6()
+
+
 def register(sock: socket.socket, server: ChatServerUdp) -> Addr:
     """Registers a plain peer and waits until the server lists it."""
     assert server.address is not None

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import pytest
 from conftest import (
+    HAS_IPV6,
     ack,
     assert_silent,
     default_rcvbuf,
@@ -220,16 +221,7 @@ def test_stats_count_what_happened(server: ChatServerUdp, make_peer: MakePeer) -
     }
 
 
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_ipv6(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not HAS_IPV6, reason="no IPv6 loopback here")
 def test_ipv6_server_carries_the_ipv6_address(
     make_server: Callable[..., ChatServerUdp], make_peer: MakePeer
 ) -> None:

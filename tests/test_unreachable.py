@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import udpchat
 from conftest import (
+    HAS_IPV6,
     TIMEOUT,
     Addr,
     ack,
@@ -34,18 +35,6 @@ from udpchat import ChatServerUdp, Event
 MakeServer = Callable[..., ChatServerUdp]
 MakePeer = Callable[..., socket.socket]
 Figure = Callable[[str], None]
-
-
-def _has_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-HAS_IPV6 = _has_ipv6()
 
 
 def drain_events(server: ChatServerUdp, wait: float = 0.1) -> list[Event]:

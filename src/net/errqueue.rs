@@ -36,27 +36,9 @@ const _: () = assert!(std::mem::align_of::<Control>() >= std::mem::align_of::<li
 /// for IPv4 peers of a dual-stack socket through the IPv4 option, and for IPv6 peers through
 /// the IPv6 one.
 pub fn enable(socket: &UdpSocket, ipv6: bool) -> io::Result<()> {
-    turn_on(socket, libc::IPPROTO_IP, libc::IP_RECVERR)?;
+    super::turn_on(socket, libc::IPPROTO_IP, libc::IP_RECVERR)?;
     if ipv6 {
-        turn_on(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR)?;
-    }
-    Ok(())
-}
-
-fn turn_on(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int from `on`, of the length given.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
+        super::turn_on(socket, libc::IPPROTO_IPV6, libc::IPV6_RECVERR)?;
     }
     Ok(())
 }

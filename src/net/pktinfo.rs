@@ -12,7 +12,6 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
 
 /// Bytes for one control message carrying an `in6_pktinfo`, the larger of the two.
 const SPACE: usize = {
@@ -167,21 +166,7 @@ pub fn enable(socket: &UdpSocket, ipv6: bool) -> io::Result<()> {
         false => (libc::IPPROTO_IP, libc::IP_PKTINFO),
         true => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
     };
-    let on: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int from `on`, of the length given.
-    let r = unsafe {
-        libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    super::turn_on(socket, level, name)
 }
 
 #[cfg(test)]
