@@ -277,8 +277,9 @@ pub fn is_icmp_error(e: &io::Error) -> bool {
 /// and network unreachable also come at once for the datagram's own sake, when no route leads
 /// to its destination (or from its source address): failing `OWN_UNREACHABLE` times in a row,
 /// it is taken to be that (not twice: a flood of ICMP errors, even of kinds nobody acts on,
-/// fails sends that often, and cost live clients broadcasts). Errors forged fast enough to fail every try could hold the sender, so a datagram
-/// that has failed for `ICMP_RETRY_FOR` is not tried again.
+/// fails sends that often, and cost live clients broadcasts). Errors forged fast enough to fail
+/// every try could hold the sender, so a datagram that has failed for `ICMP_RETRY_FOR` is not
+/// tried again.
 #[derive(Default)]
 struct Retry {
     /// When this datagram first failed with an ICMP error.
