@@ -299,6 +299,6 @@ impl net::Handler for Receive<'_> {
     }
 
     fn unreachable(&mut self, to: SocketAddr, error: &std::io::Error) {
-        Receive::unreachable(self, to, error);
+        self.unreachable_reported(to, error);
     }
 }

@@ -4,7 +4,8 @@
 //! can already forge a `quit` for any address there, so this adds no weakness. In validated
 //! mode an ICMP error can be forged by anyone who knows a member's address (every member learns
 //! the others' from the `ack:` lines) while a `quit` needs the token, so it only pauses sends to
-//! that client until its next valid datagram; one that really died leaves by `timeout`.
+//! that client until its next valid datagram, for a second at most (see `Registry::pause`); one
+//! that really died leaves by `timeout`.
 
 use log::info;
 use std::io;
@@ -18,8 +19,8 @@ use crate::throttle::throttled;
 use crate::worker::lock;
 
 impl Receive<'_> {
-    /// The kernel reported `to` unreachable (`error`).
-    pub(super) fn unreachable(&mut self, to: SocketAddr, error: &io::Error) {
+    /// The kernel reported `to` unreachable (`error`): `net::Handler::unreachable`.
+    pub(super) fn unreachable_reported(&mut self, to: SocketAddr, error: &io::Error) {
         let shared = self.shared;
         if !shared.config.drop_unreachable {
             return;
