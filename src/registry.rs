@@ -325,22 +325,6 @@ impl Registry {
         )
     }
 
-    /// Every live client with when it was last heard from.
-    pub fn snapshot(&self, now: Instant) -> Vec<(SocketAddr, Instant)> {
-        let stamp = self.clock.stamp(now);
-        self.members
-            .iter()
-            .map(|e| &e.0)
-            .filter(|m| self.clock.is_live(m, stamp))
-            .map(|m| {
-                (
-                    m.addr,
-                    self.clock.instant(m.last_seen.load(Ordering::Relaxed)),
-                )
-            })
-            .collect()
-    }
-
     /// Every live client's figures.
     pub fn peers(&self, now: Instant) -> Vec<Peer> {
         let (clock, stamp) = (self.clock, self.clock.stamp(now));
@@ -407,10 +391,10 @@ mod tests {
             Touch::Refreshed
         );
         assert_eq!(r.len(), 1);
-        let snap = r.snapshot(t5);
-        assert_eq!(snap.len(), 1);
-        assert_eq!(snap[0].0, addr(1));
-        assert!(snap[0].1.duration_since(t5) < Duration::from_micros(1));
+        let peers = r.peers(t5);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].addr, addr(1));
+        assert!(peers[0].last_seen.duration_since(t5) < Duration::from_micros(1));
     }
 
     #[test]
@@ -444,7 +428,7 @@ mod tests {
         let later = t0 + interval + Duration::from_nanos(1);
         // The fan-out leaves the silent one out before any sweep has run...
         assert_eq!(live_addrs(&mut r, later), vec![addr(2)]);
-        assert_eq!(r.snapshot(later).len(), 1);
+        assert_eq!(r.peers(later).len(), 1);
         // ...and the sweep removes it.
         r.expire(later, &mut expired);
         assert_eq!(expired, vec![addr(1)]);
@@ -504,7 +488,7 @@ mod tests {
         );
         let after = r.members();
         assert_eq!((after.len(), after[0].local), (1, second));
-        assert!(r.snapshot(t1)[0].1.duration_since(t1) < Duration::from_micros(1));
+        assert!(r.peers(t1)[0].last_seen.duration_since(t1) < Duration::from_micros(1));
         assert_eq!(r.len(), 1);
     }
 

@@ -47,9 +47,9 @@ impl Bench {
     fn registered(&self, addr: SocketAddr) -> bool {
         lock(&self.shared.presence)
             .registry
-            .snapshot(std::time::Instant::now())
+            .peers(std::time::Instant::now())
             .iter()
-            .any(|(a, _)| *a == addr)
+            .any(|p| p.addr == addr)
     }
 
     fn stat(&self, name: &str) -> u64 {

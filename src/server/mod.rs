@@ -217,17 +217,14 @@ impl Server {
 
     /// Live clients with the wall-clock time each was last heard from.
     pub fn clients(&self) -> Vec<(SocketAddr, SystemTime)> {
-        let now = Instant::now();
-        let wall = SystemTime::now();
-        lock(&self.shared.presence)
-            .registry
-            .snapshot(now)
+        self.peers()
             .into_iter()
-            .map(|(addr, seen)| (addr, wall - now.saturating_duration_since(seen)))
+            .map(|(peer, _, seen)| (peer.addr, seen))
             .collect()
     }
 
-    /// Every live client's figures, in one consistent snapshot, with wall-clock times.
+    /// Every live client's figures, in one consistent snapshot, with wall-clock times (joined,
+    /// last seen).
     pub fn peers(&self) -> Vec<(Peer, SystemTime, SystemTime)> {
         let now = Instant::now();
         let wall = SystemTime::now();
