@@ -81,6 +81,30 @@ fn turn_on(socket: &UdpSocket, level: libc::c_int, name: libc::c_int) -> io::Res
     Ok(())
 }
 
+/// Hands each control message `recvmsg` wrote for `hdr` to `visit`: its header and a pointer to
+/// its payload, which `visit` may read only as far as the header's `cmsg_len` covers.
+///
+/// # Safety
+/// `hdr.msg_control` is null or points at `hdr.msg_controllen` readable bytes of control
+/// messages, as recvmsg (or a test) leaves them.
+unsafe fn each_control_message(
+    hdr: &libc::msghdr,
+    mut visit: impl FnMut(libc::cmsghdr, *const u8),
+) {
+    if hdr.msg_control.is_null() || hdr.msg_controllen < std::mem::size_of::<libc::cmsghdr>() {
+        return;
+    }
+    // SAFETY: per the contract, the CMSG_* functions walk those bytes within their bounds, and
+    // each header they give is inside them.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
+        while !cmsg.is_null() {
+            visit(std::ptr::read_unaligned(cmsg), libc::CMSG_DATA(cmsg));
+            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
+        }
+    }
+}
+
 /// Every address of this host's interfaces (getifaddrs(3)), for a server bound to a wildcard
 /// address to know which sources are itself.
 pub fn local_ips() -> io::Result<Vec<IpAddr>> {

@@ -104,44 +104,37 @@ pub fn read(
 /// The host that sent an error-queue entry (its "offender"), from the control messages
 /// `recvmsg` wrote for `hdr`, if the entry is an ICMP or ICMPv6 port unreachable.
 fn port_unreachable(hdr: &libc::msghdr) -> Option<IpAddr> {
-    if hdr.msg_control.is_null() || hdr.msg_controllen < size_of::<libc::cmsghdr>() {
-        return None;
-    }
     let mut found = None;
-    // SAFETY: msg_control points at msg_controllen bytes of control messages (written by
-    // recvmsg, or by a test), which the CMSG_* functions walk within those bounds; a payload is
-    // read only if the message's length covers it.
+    // SAFETY: `hdr` was filled by recvmsg (or a test); a payload is read only as far as its
+    // message's length covers it.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
-        while !cmsg.is_null() {
-            let c = std::ptr::read_unaligned(cmsg);
+        super::each_control_message(hdr, |c, data| {
             let is_error = (c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_RECVERR)
                 || (c.cmsg_level == libc::IPPROTO_IPV6 && c.cmsg_type == libc::IPV6_RECVERR);
-            let covers = |len: usize| c.cmsg_len as usize >= libc::CMSG_LEN(len as _) as usize;
+            let covers = |len: usize| c.cmsg_len >= libc::CMSG_LEN(len as _) as usize;
             let ee = size_of::<libc::sock_extended_err>();
-            if is_error && covers(ee + size_of::<libc::sa_family_t>()) {
-                let data = libc::CMSG_DATA(cmsg);
-                let err = std::ptr::read_unaligned(data.cast::<libc::sock_extended_err>());
-                // SO_EE_OFFENDER: the sender's address follows the error.
-                let offender = data.add(ee);
-                let family = std::ptr::read_unaligned(offender.cast::<libc::sa_family_t>());
-                let sender = match i32::from(family) {
-                    libc::AF_INET if covers(ee + size_of::<libc::sockaddr_in>()) => {
-                        let sin = std::ptr::read_unaligned(offender.cast::<libc::sockaddr_in>());
-                        Some(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ))
-                    }
-                    libc::AF_INET6 if covers(ee + size_of::<libc::sockaddr_in6>()) => {
-                        let sin6 = std::ptr::read_unaligned(offender.cast::<libc::sockaddr_in6>());
-                        Some(IpAddr::from(sin6.sin6_addr.s6_addr))
-                    }
-                    _ => None,
-                };
-                found = Some((err, sender));
+            if !(is_error && covers(ee + size_of::<libc::sa_family_t>())) {
+                return;
             }
-            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
-        }
+            let err = std::ptr::read_unaligned(data.cast::<libc::sock_extended_err>());
+            // SO_EE_OFFENDER: the sender's address follows the error.
+            let offender = data.add(ee);
+            let family = std::ptr::read_unaligned(offender.cast::<libc::sa_family_t>());
+            let sender = match i32::from(family) {
+                libc::AF_INET if covers(ee + size_of::<libc::sockaddr_in>()) => {
+                    let sin = std::ptr::read_unaligned(offender.cast::<libc::sockaddr_in>());
+                    Some(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ))
+                }
+                libc::AF_INET6 if covers(ee + size_of::<libc::sockaddr_in6>()) => {
+                    let sin6 = std::ptr::read_unaligned(offender.cast::<libc::sockaddr_in6>());
+                    Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+                }
+                _ => None,
+            };
+            found = Some((err, sender));
+        });
     }
     let (err, sender) = found?;
     // Destination unreachable, port unreachable: type 3 code 3 in ICMP, 1 and 4 in ICMPv6.

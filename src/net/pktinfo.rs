@@ -123,17 +123,11 @@ impl Control {
 /// wrote for `hdr`; None if there is none, or if it is not an address to send from (a broadcast
 /// or multicast destination: the kernel then picks the source, as without pktinfo).
 pub fn local_address(hdr: &libc::msghdr) -> Option<IpAddr> {
-    if hdr.msg_control.is_null() || hdr.msg_controllen < size_of::<libc::cmsghdr>() {
-        return None;
-    }
     let mut found = None;
-    // SAFETY: `hdr` was filled by recvmsg/recvmmsg: msg_control points at msg_controllen bytes
-    // of control messages, which the CMSG_* functions walk within those bounds.
+    // SAFETY: `hdr` was filled by recvmsg/recvmmsg (or a test); a pktinfo message's payload is
+    // the struct its type names.
     unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
-        while !cmsg.is_null() {
-            let c = std::ptr::read_unaligned(cmsg);
-            let data = libc::CMSG_DATA(cmsg);
+        super::each_control_message(hdr, |c, data| {
             if c.cmsg_level == libc::IPPROTO_IP && c.cmsg_type == libc::IP_PKTINFO {
                 let info = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
                 // ipi_spec_dst, not ipi_addr: the kernel's choice of the address to answer
@@ -144,8 +138,7 @@ pub fn local_address(hdr: &libc::msghdr) -> Option<IpAddr> {
                 let info = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
                 found = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
             }
-            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
-        }
+        });
     }
     found.filter(|ip| is_source(*ip))
 }
