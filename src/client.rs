@@ -19,6 +19,7 @@ use crate::lifecycle::Core;
 use crate::net;
 use crate::protocol::{self, TOKEN_LEN};
 use crate::throttle::{throttled, Throttle};
+use crate::wakeup::Wakeup;
 use crate::worker::{lock, Stop, Workers};
 
 /// The largest datagram UDP can carry (IPv6's limit); nothing from the server is ever cut.
@@ -117,21 +118,19 @@ impl Shared {
         }
     }
 
-    /// Sends a chat message. Whether it is kept for the handshake and how it is framed are
-    /// decided under one lock, so a token arriving meanwhile cannot make it go out twice.
-    fn send_message(&self, body: &[u8], stop: Option<&Stop>) -> std::io::Result<()> {
-        let datagram = {
-            let mut validation = lock(&self.validation);
-            validation.forget_after_grace(self.started);
-            if validation.token.is_none()
-                && self.started.elapsed() < HANDSHAKE_GRACE
-                && validation.unsent.len() < UNSENT_MAX
-            {
-                validation.unsent.push(body.to_vec());
-            }
-            validation.frame(body)
-        };
-        self.send_framed(&datagram, stop)
+    /// A chat message as it goes on the wire. Whether it is kept for the handshake and how it
+    /// is framed are decided under one lock, so a token arriving meanwhile cannot make it go out
+    /// twice.
+    fn frame_message(&self, body: &[u8]) -> Vec<u8> {
+        let mut validation = lock(&self.validation);
+        validation.forget_after_grace(self.started);
+        if validation.token.is_none()
+            && self.started.elapsed() < HANDSHAKE_GRACE
+            && validation.unsent.len() < UNSENT_MAX
+        {
+            validation.unsent.push(body.to_vec());
+        }
+        validation.frame(body)
     }
 }
 
@@ -140,6 +139,8 @@ pub struct Client {
     local: SocketAddr,
     workers: Workers,
     messages: Receiver<Vec<u8>>,
+    /// Written when `messages` gets a message an event loop waits for, and when it closes.
+    wakeup: Arc<Wakeup>,
 }
 
 impl Client {
@@ -174,14 +175,19 @@ impl Client {
         // sender, keeps it to `max_queue`.
         let (tx, messages) = crossbeam_channel::unbounded();
         let max_queue = config.max_queue;
+        let wakeup = Arc::new(Wakeup::new().map_err(|e| Error::io("cannot create an eventfd", e))?);
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
+            let wakeup = Arc::clone(&wakeup);
             workers.spawn("udpchat-cli-rx", move || {
+                // Dropped last, after `tx`: a waiting event loop then finds the queue closed.
+                let _closed = wakeup.guard();
                 let mut inbox = net::Inbox::new(RECV_BATCH, RECV_BUFFER);
                 let mut handler = Receive {
                     shared: &shared,
                     stop: &stop,
                     tx,
+                    wakeup: &wakeup,
                     max_queue,
                     full: Throttle::default(),
                     icmp: Throttle::default(),
@@ -202,6 +208,7 @@ impl Client {
             local,
             workers,
             messages,
+            wakeup,
         })
     }
 
@@ -209,6 +216,12 @@ impl Client {
     /// the queue is drained.
     pub fn messages(&self) -> &Receiver<Vec<u8>> {
         &self.messages
+    }
+
+    /// Written when a message is queued for a consumer that armed it, and when the queue
+    /// closes.
+    pub fn wakeup(&self) -> &Arc<Wakeup> {
+        &self.wakeup
     }
 
     /// Messages dropped because the caller did not keep up.
@@ -229,9 +242,51 @@ impl Client {
         lock(&self.shared.validation).token.is_some()
     }
 
-    /// Sends one chat message to the server. `TooLong` if no server could relay it (see
-    /// `protocol::MAX_MESSAGE`).
+    /// Sends one chat message to the server, waiting for room in the socket's buffer if it
+    /// must. `TooLong` if no server could relay it (see `protocol::MAX_MESSAGE`).
     pub fn send(&self, data: &[u8]) -> Result<()> {
+        let datagram = self.frame(data)?;
+        self.shared
+            .send_framed(&datagram, Some(self.workers.stop()))
+            .map_err(send_error)
+    }
+
+    /// Sends one chat message if the socket's buffer has room now; else gives back the
+    /// datagram, framed, to go with [`Client::send_again`] once the socket is writable.
+    pub fn try_send(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
+        let datagram = self.frame(data)?;
+        Ok((!self.send_again(&datagram)?).then_some(datagram))
+    }
+
+    /// Tries once more to send what [`Client::try_send`] gave back: false if there is still no
+    /// room.
+    pub fn send_again(&self, datagram: &[u8]) -> Result<bool> {
+        self.workers.check()?;
+        let mut retried = false;
+        loop {
+            match self.shared.socket.send(datagram) {
+                Ok(_) => return Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // An earlier datagram's ICMP error, as in `Shared::send_framed`.
+                Err(e) if net::is_icmp_error(&e) && !retried => retried = true,
+                Err(e) => return Err(send_error(e)),
+            }
+        }
+    }
+
+    /// A non-blocking duplicate of the socket, for an event loop to wait until it is writable.
+    pub fn socket_fd(&self) -> Result<std::os::fd::OwnedFd> {
+        let socket = self
+            .shared
+            .socket
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the socket", e))?;
+        Ok(socket.into())
+    }
+
+    /// `data` framed as it goes to the server; `TooLong` if no server could relay it.
+    fn frame(&self, data: &[u8]) -> Result<Vec<u8>> {
         self.workers.check()?;
         let len = protocol::strip(data).len();
         if len > protocol::MAX_MESSAGE {
@@ -242,10 +297,12 @@ impl Client {
                 protocol::MAX_BROADCAST
             )));
         }
-        self.shared
-            .send_message(data, Some(self.workers.stop()))
-            .map_err(|e| Error::io("cannot send to the server", e))
+        Ok(self.shared.frame_message(data))
     }
+}
+
+fn send_error(e: std::io::Error) -> Error {
+    Error::io("cannot send to the server", e)
 }
 
 impl Core for Client {
@@ -282,6 +339,7 @@ struct Receive<'a> {
     /// To the caller. This thread is its only sender, so once it sees room below `max_queue`
     /// the room stays until it sends: the caller can only take messages out.
     tx: Sender<Vec<u8>>,
+    wakeup: &'a Wakeup,
     max_queue: usize,
     full: Throttle,
     icmp: Throttle,
@@ -363,6 +421,10 @@ impl net::Handler for Receive<'_> {
         }
         // The caller's side is never dropped while this thread runs, so this cannot fail.
         let _ = self.tx.send(data.to_vec());
+    }
+
+    fn batch_done(&mut self) {
+        self.wakeup.notify();
     }
 
     fn icmp(&mut self, e: &std::io::Error) {

@@ -18,6 +18,7 @@ mod ratelimit;
 pub mod registry;
 pub mod server;
 mod throttle;
+pub mod wakeup;
 pub(crate) mod worker;
 
 mod python;

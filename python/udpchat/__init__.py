@@ -4,11 +4,10 @@ The networking runs in a Rust core on its own threads, outside the GIL. Log reco
 Python's ``logging`` under the ``udpchat`` logger (``udpchat.server``, ``udpchat.client``, ...).
 """
 
+from ._asyncio import ChatClientUdp, ChatServerUdp
 from ._udpchat import (
     MAX_DATAGRAM,
     MAX_MESSAGE,
-    ChatClientUdp,
-    ChatServerUdp,
     Event,
     Message,
     Peer,

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Literal, final
 
-from typing_extensions import Self
+from typing_extensions import Self, disjoint_base
 
 __all__ = [
     "MAX_DATAGRAM",
@@ -14,7 +14,10 @@ __all__ = [
     "Event",
     "Message",
     "Peer",
+    "_PendingSend",
+    "_Wakeup",
     "__version__",
+    "_seconds",
     "reset_log_cache",
 ]
 
@@ -33,6 +36,28 @@ def reset_log_cache() -> None:
     It reads them again by itself a few times a second (a disabled level then costs nothing on
     the hot path); call this for a change to take effect at once.
     """
+
+def _seconds(timeout: float | None) -> float | None:
+    """``timeout`` checked as the blocking methods check it: seconds, or None for no end."""
+
+@final
+class _Wakeup:
+    """A core's eventfd, readable when a queue an event loop waits for may have something, or
+    has closed. Holding it keeps the fd open."""
+
+    def fileno(self) -> int: ...
+    def drain(self) -> None:
+        """Resets the eventfd, before looking at the queue again."""
+
+@final
+class _PendingSend:
+    """A message the socket had no room for, framed; ``fileno()`` is a duplicate of the
+    client's socket, to wait on until it is writable."""
+
+    def fileno(self) -> int: ...
+    def retry(self) -> bool:
+        """Tries to send it again: False if there is still no room. RuntimeError if the client
+        has stopped meanwhile."""
 
 @final
 class Message:
@@ -154,7 +179,7 @@ class Peer:
     def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
-@final
+@disjoint_base
 class ChatServerUdp:
     """A UDP chat server.
 
@@ -273,6 +298,10 @@ class ChatServerUdp:
         ``next_event``) for the first, then takes those already queued. Returns ``[]`` where
         ``next_event`` returns None."""
 
+    def _take_events(self, max: int) -> list[Event] | _Wakeup | None:
+        """For the asyncio methods: up to ``max`` events already queued, without waiting; else
+        the eventfd to wait on, armed; None where ``next_event`` returns None."""
+
     def peers(self) -> dict[tuple[str, int], Peer]:
         """``{(ip, port): Peer}`` for every live client, one consistent snapshot; empty when
         stopped."""
@@ -313,7 +342,7 @@ class ChatServerUdp:
         tb: TracebackType | None,
     ) -> None: ...
 
-@final
+@disjoint_base
 class ChatClientUdp:
     """A UDP chat client.
 
@@ -366,7 +395,8 @@ class ChatClientUdp:
         one comes; a negative or NaN timeout is a ValueError).
 
         Returns None on timeout, or once the client is stopped or the server said ``end`` and
-        every message before it has been read. Releases the GIL; Ctrl-C interrupts it.
+        every message before it has been read (messages that arrived before ``stop()`` can
+        still be read after it). Releases the GIL; Ctrl-C interrupts it.
         """
 
     def recv_many(self, max: int = 1024, timeout: float | None = None) -> list[Message]:
@@ -376,6 +406,14 @@ class ChatClientUdp:
 
         Cheaper per message than ``recv`` when messages come in bursts.
         """
+
+    def _take(self, max: int) -> list[Message] | _Wakeup | None:
+        """For the asyncio methods: up to ``max`` messages already waiting, without waiting;
+        else the eventfd to wait on, armed; None where ``recv`` returns None."""
+
+    def _try_send(self, msg: str | bytes | bytearray | memoryview) -> _PendingSend | None:
+        """For ``asend``: sends ``msg`` if the socket has room now (None), else gives back what
+        to send once it is writable. Raises as ``send`` does."""
 
     def __iter__(self) -> Iterator[Message]: ...
     def __next__(self) -> Message:

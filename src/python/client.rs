@@ -1,19 +1,23 @@
 use crossbeam_channel::RecvTimeoutError;
 use pyo3::prelude::*;
+use pyo3::IntoPyObjectExt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::args::{Arg, MAX_QUEUE};
+use super::asyncio::{PendingSend, Wakeup};
 use super::message::Message;
+use super::queue::{Queue, Taken};
 use super::{lifecycle_methods, to_py};
 use crate::client::{Client, ClientConfig};
 use crate::lifecycle::{Core, Slot};
+use crate::worker::lock;
 
 /// A UDP chat client: registers with ``reg``, sends ``^hb^`` every ``interval`` seconds, and
 /// delivers what the server sends through ``recv()`` or iteration.
-#[pyclass(frozen, module = "udpchat._udpchat")]
+#[pyclass(frozen, subclass, module = "udpchat._udpchat")]
 pub struct ChatClientUdp {
     config: ClientConfig,
     ip: String,
@@ -22,31 +26,45 @@ pub struct ChatClientUdp {
     core: Slot<Client>,
     /// `dropped` of the last client stopped, whose socket is closed.
     final_dropped: AtomicU64,
+    /// The messages of the last client started: still readable once it has stopped.
+    messages: Mutex<Option<Messages>>,
 }
+
+/// The datagrams from the server.
+type Messages = Queue<Vec<u8>>;
 
 impl ChatClientUdp {
     /// Waits up to `timeout` (None: without end) for the next datagram: with the GIL released,
-    /// in slices so Ctrl-C is seen promptly.
+    /// in slices so Ctrl-C is seen promptly. Then the messages waiting behind it can be taken.
     fn wait(
         &self,
         py: Python<'_>,
         timeout: Option<Duration>,
-    ) -> PyResult<Option<(Arc<Client>, Vec<u8>)>> {
-        let Some(core) = self.core.get().map_err(to_py)? else {
+    ) -> PyResult<Option<(Messages, Vec<u8>)>> {
+        let core = self.core.get().map_err(to_py)?;
+        let Some(queue) = lock(&self.messages).clone() else {
             return Ok(None);
         };
         // A thread that dies closes the queue: nothing more to watch.
-        match super::wait(py, core.messages(), timeout, || false)? {
-            Ok(datagram) => Ok(Some((core, datagram))),
+        match queue.wait(py, timeout, || false)? {
+            Ok(datagram) => Ok(Some((queue, datagram))),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             // Stopped, ended by the server, or a thread died: then this says so.
             Err(RecvTimeoutError::Disconnected) => {
-                py.detach(|| core.workers().settle());
-                core.failure().map_err(to_py)?;
+                closed(py, core)?;
                 Ok(None)
             }
         }
     }
+}
+
+/// The queue was found closed: `RuntimeError` if it was a thread's death that closed it.
+fn closed(py: Python<'_>, core: Option<Arc<Client>>) -> PyResult<()> {
+    if let Some(core) = core {
+        py.detach(|| core.workers().settle());
+        core.failure().map_err(to_py)?;
+    }
+    Ok(())
 }
 
 #[pymethods]
@@ -71,6 +89,7 @@ impl ChatClientUdp {
             interval: given_interval,
             core: Slot::default(),
             final_dropped: AtomicU64::new(0),
+            messages: Mutex::default(),
         })
     }
 
@@ -78,14 +97,21 @@ impl ChatClientUdp {
     /// Raises OSError if no socket can be opened, RuntimeError if already running.
     fn start(&self, py: Python<'_>) -> PyResult<()> {
         let config = self.config.clone();
-        super::start(py, &self.core, || Client::start(config))
+        super::start(py, &self.core, || Client::start(config))?;
+        if let Some(core) = self.core.get().map_err(to_py)? {
+            *lock(&self.messages) = Some(Queue::new(core.messages().clone(), core.wakeup()));
+        }
+        Ok(())
     }
 
     /// Sends ``quit``, ends all threads and closes the socket. Idempotent. Raises RuntimeError if a
     /// client thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
         super::stop(py, &self.core, |core| {
-            self.final_dropped.store(core.dropped(), Ordering::Relaxed)
+            self.final_dropped.store(core.dropped(), Ordering::Relaxed);
+            if let Some(queue) = lock(&self.messages).as_mut() {
+                queue.forget_wakeup();
+            }
         })
     }
 
@@ -101,7 +127,7 @@ impl ChatClientUdp {
 
     /// The next message from the server, waiting up to ``timeout`` seconds (None: until one
     /// comes). Returns None on timeout, or once the client is stopped or closed by the server and
-    /// every message that arrived before has been read.
+    /// every message that arrived before has been read (they can be read after ``stop()``).
     #[pyo3(signature = (timeout = Arg::MISSING), text_signature = "($self, /, timeout=None)")]
     fn recv(&self, py: Python<'_>, timeout: Arg<'_>) -> PyResult<Option<Message>> {
         Ok(self
@@ -118,18 +144,55 @@ impl ChatClientUdp {
     fn recv_many(&self, py: Python<'_>, max: Arg<'_>, timeout: Arg<'_>) -> PyResult<Vec<Message>> {
         let max = max.int("max", 1024, 1, MAX_QUEUE)?;
         let timeout = timeout.timeout("timeout")?;
-        let Some((core, first)) = self.wait(py, timeout)? else {
+        let Some((queue, first)) = self.wait(py, timeout)? else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::with_capacity(max.min(core.messages().len() + 1));
+        let mut out = Vec::with_capacity(max.min(queue.items.len() + 1));
         out.push(Message::from_datagram(py, &first));
         out.extend(
-            core.messages()
+            queue
+                .items
                 .try_iter()
                 .take(max - 1)
                 .map(|d| Message::from_datagram(py, &d)),
         );
         Ok(out)
+    }
+
+    /// For the asyncio methods: up to ``max`` messages already waiting, without waiting; else
+    /// the eventfd to wait on, armed; None where ``recv`` returns None.
+    #[pyo3(signature = (max))]
+    fn _take<'py>(&self, py: Python<'py>, max: Arg<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let max = max.int("max", 1024, 1, MAX_QUEUE)?;
+        let core = self.core.get().map_err(to_py)?;
+        let Some(queue) = lock(&self.messages).clone() else {
+            return Ok(py.None().into_bound(py));
+        };
+        match queue.take(max, || false) {
+            Taken::Items(items) => items
+                .iter()
+                .map(|d| Message::from_datagram(py, d))
+                .collect::<Vec<_>>()
+                .into_bound_py_any(py),
+            Taken::Empty(wakeup) => Wakeup(wakeup).into_bound_py_any(py),
+            Taken::Closed => {
+                closed(py, core)?;
+                Ok(py.None().into_bound(py))
+            }
+        }
+    }
+
+    /// For ``asend``: sends ``msg`` if the socket has room now (None), else gives back what to
+    /// send once it is writable. Raises as ``send`` does.
+    #[pyo3(signature = (msg))]
+    fn _try_send(&self, msg: Arg<'_>) -> PyResult<Option<PendingSend>> {
+        let msg = msg.payload("msg", b"quit")?;
+        let core = self.core.running_core().map_err(to_py)?;
+        let Some(datagram) = core.try_send(msg.as_bytes()).map_err(to_py)? else {
+            return Ok(None);
+        };
+        let fd = core.socket_fd().map_err(to_py)?;
+        Ok(Some(PendingSend { core, datagram, fd }))
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {

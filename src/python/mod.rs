@@ -1,17 +1,17 @@
 //! The PyO3 layer: argument checks, type conversion and error mapping. No networking here.
 
 mod args;
+mod asyncio;
 mod client;
 mod logging;
 mod message;
 mod presence;
+mod queue;
 mod server;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use crate::error::Error;
 use crate::lifecycle::{Core, Slot};
@@ -29,46 +29,6 @@ fn to_py(err: Error) -> PyErr {
             PyRuntimeError::new_err(err.to_string())
         }
         Error::TooLong(_) => PyValueError::new_err(err.to_string()),
-    }
-}
-
-/// How long a blocking wait runs with the GIL released before it checks for Ctrl-C.
-const SIGNAL_CHECK: Duration = Duration::from_millis(50);
-
-/// Waits up to `timeout` (None: without end) for the next item of `queue`, with the GIL
-/// released, in slices so Ctrl-C is seen promptly. `Err(Timeout)` on timeout,
-/// `Err(Disconnected)` once the queue is closed and empty, or once `dead()` says its producer
-/// died without closing it and it is empty.
-fn wait<T: Send>(
-    py: Python<'_>,
-    queue: &Receiver<T>,
-    timeout: Option<Duration>,
-    dead: impl Fn() -> bool,
-) -> PyResult<Result<T, RecvTimeoutError>> {
-    // An item already waiting is taken without releasing the GIL at all.
-    match queue.try_recv() {
-        Ok(item) => return Ok(Ok(item)),
-        Err(TryRecvError::Disconnected) => return Ok(Err(RecvTimeoutError::Disconnected)),
-        Err(TryRecvError::Empty) => {}
-    }
-    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-    loop {
-        let slice = deadline.map_or(SIGNAL_CHECK, |d| {
-            d.saturating_duration_since(Instant::now())
-                .min(SIGNAL_CHECK)
-        });
-        match py.detach(|| queue.recv_timeout(slice)) {
-            Err(RecvTimeoutError::Timeout) => {
-                py.check_signals()?;
-                if dead() {
-                    return Ok(queue.try_recv().map_err(|_| RecvTimeoutError::Disconnected));
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    return Ok(Err(RecvTimeoutError::Timeout));
-                }
-            }
-            received => return Ok(received),
-        }
     }
 }
 
@@ -185,6 +145,14 @@ fn reset_log_cache(py: Python<'_>) -> PyResult<()> {
     logging::refresh_levels(py)
 }
 
+/// ``timeout`` checked as the blocking methods check it: seconds, or None for no end (also for
+/// a timeout too large to keep). For the asyncio methods, which take the same arguments.
+#[pyfunction]
+#[pyo3(signature = (timeout))]
+fn _seconds(timeout: args::Arg<'_>) -> PyResult<Option<f64>> {
+    Ok(timeout.timeout("timeout")?.map(|t| t.as_secs_f64()))
+}
+
 #[pymodule]
 fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logging::prepare(m.py())?;
@@ -200,6 +168,9 @@ fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::Message>()?;
     m.add_class::<presence::Event>()?;
     m.add_class::<presence::Peer>()?;
+    m.add_class::<asyncio::Wakeup>()?;
+    m.add_class::<asyncio::PendingSend>()?;
     m.add_function(wrap_pyfunction!(reset_log_cache, m)?)?;
+    m.add_function(wrap_pyfunction!(_seconds, m)?)?;
     Ok(())
 }

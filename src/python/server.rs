@@ -1,12 +1,14 @@
-use crossbeam_channel::Receiver;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict};
+use pyo3::IntoPyObjectExt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use super::args::{Arg, MAX_QUEUE};
+use super::asyncio::Wakeup;
 use super::presence::{Event, Peer};
+use super::queue::{Queue, Taken};
 use super::{lifecycle_methods, py_addr, to_py};
 
 /// The core's defaults, for the keyword arguments'.
@@ -31,7 +33,7 @@ const MAX_RCVBUF: usize = 1 << 30;
 
 /// A UDP chat server: registers every sender, relays each message to every live client as
 /// ``ack: {ip} {port}\n{payload}\n``, and drops clients silent for more than ``interval`` seconds.
-#[pyclass(frozen, module = "udpchat._udpchat")]
+#[pyclass(frozen, subclass, module = "udpchat._udpchat")]
 pub struct ChatServerUdp {
     config: ServerConfig,
     ip: String,
@@ -41,20 +43,25 @@ pub struct ChatServerUdp {
     /// The counters of the last server stopped, whose socket is closed.
     final_stats: Mutex<Stats>,
     /// The events of the last server started: still readable once it has stopped.
-    events: Mutex<Option<Receiver<server::Event>>>,
+    events: Mutex<Option<Queue<server::Event>>>,
+}
+
+/// Whether a thread of `core` panicked: nothing closes its events queue until `stop()`, so
+/// readers stop at the end of what is queued.
+fn dead(core: &Option<Arc<Server>>) -> bool {
+    core.as_ref().is_some_and(|c| c.workers().panicked())
 }
 
 /// The next event of `events`, waiting up to `timeout`; None on timeout, once the queue is
-/// closed (the server stopped), or once a thread of `core` panicked (nothing closes the queue
-/// until `stop()`), and every event before has been read.
+/// closed (the server stopped), or once a thread of `core` panicked, and every event before has
+/// been read.
 fn wait_for_event(
     py: Python<'_>,
-    events: &Receiver<server::Event>,
+    events: &Queue<server::Event>,
     timeout: Option<std::time::Duration>,
     core: Option<Arc<Server>>,
 ) -> PyResult<Option<server::Event>> {
-    let dead = || core.as_ref().is_some_and(|c| c.workers().panicked());
-    Ok(super::wait(py, events, timeout, dead)?.ok())
+    Ok(events.wait(py, timeout, || dead(&core))?.ok())
 }
 
 #[pymethods]
@@ -120,7 +127,7 @@ impl ChatServerUdp {
         let config = self.config.clone();
         super::start(py, &self.core, || Server::start(config))?;
         if let Some(core) = self.core.get().map_err(to_py)? {
-            *lock(&self.events) = Some(core.events().clone());
+            *lock(&self.events) = Some(Queue::new(core.events().clone(), core.wakeup()));
         }
         Ok(())
     }
@@ -129,7 +136,10 @@ impl ChatServerUdp {
     /// Raises RuntimeError if a server thread had panicked.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
         super::stop(py, &self.core, |core| {
-            *lock(&self.final_stats) = core.stats()
+            *lock(&self.final_stats) = core.stats();
+            if let Some(events) = lock(&self.events).as_mut() {
+                events.forget_wakeup();
+            }
         })
     }
 
@@ -197,11 +207,31 @@ impl ChatServerUdp {
         let Some(first) = wait_for_event(py, &events, timeout, core)? else {
             return Ok(Vec::new());
         };
-        let rest = events.try_iter().take(max - 1);
+        let rest = events.items.try_iter().take(max - 1);
         Ok(std::iter::once(first)
             .chain(rest)
             .map(Event::from)
             .collect())
+    }
+
+    /// For the asyncio methods: up to ``max`` events already queued, without waiting; else the
+    /// eventfd to wait on, armed; None where ``next_event`` returns None.
+    #[pyo3(signature = (max))]
+    fn _take_events<'py>(&self, py: Python<'py>, max: Arg<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let max = max.int("max", 1024, 1, MAX_QUEUE)?;
+        let core = self.core.get().map_err(to_py)?;
+        let Some(events) = lock(&self.events).clone() else {
+            return Ok(py.None().into_bound(py));
+        };
+        match events.take(max, || dead(&core)) {
+            Taken::Items(items) => items
+                .into_iter()
+                .map(Event::from)
+                .collect::<Vec<_>>()
+                .into_bound_py_any(py),
+            Taken::Empty(wakeup) => Wakeup(wakeup).into_bound_py_any(py),
+            Taken::Closed => Ok(py.None().into_bound(py)),
+        }
     }
 
     /// ``{(ip, port): Peer}`` for every live client, in one consistent snapshot; empty when not

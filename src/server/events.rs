@@ -5,9 +5,11 @@
 
 use crossbeam_channel::{Receiver, Sender};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::registry::Registry;
+use crate::wakeup::Wakeup;
 
 /// What happened to an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +105,8 @@ pub(super) struct Presence {
     /// bounds it, checked under this lock, the only place events are queued.
     queue: Option<Sender<Event>>,
     capacity: usize,
+    /// Written when an event is queued for an event loop that waits, and when the queue closes.
+    wakeup: Arc<Wakeup>,
     seq: u64,
     /// Events not queued because the queue was full.
     pub(super) dropped: u64,
@@ -110,12 +114,17 @@ pub(super) struct Presence {
 
 impl Presence {
     /// The table, and a queue of `capacity` events with the end applications read from.
-    pub(super) fn new(registry: Registry, capacity: usize) -> (Presence, Receiver<Event>) {
+    pub(super) fn new(
+        registry: Registry,
+        capacity: usize,
+        wakeup: Arc<Wakeup>,
+    ) -> (Presence, Receiver<Event>) {
         let (queue, events) = crossbeam_channel::unbounded();
         let presence = Presence {
             registry,
             queue: Some(queue),
             capacity,
+            wakeup,
             seq: 0,
             dropped: 0,
         };
@@ -136,6 +145,8 @@ impl Presence {
         // Fails only once every reader is gone (the server object with them): nobody to tell.
         if queue.len() >= self.capacity || queue.send(event).is_err() {
             self.dropped += 1;
+        } else {
+            self.wakeup.notify();
         }
     }
 
@@ -150,6 +161,7 @@ impl Presence {
     /// No event after this one: readers drain the queue, then find it closed.
     pub(super) fn close(&mut self) {
         self.queue = None;
+        self.wakeup.close();
     }
 }
 
@@ -164,7 +176,12 @@ mod tests {
             max_clients: 10,
             max_per_ip: 10,
         };
-        Presence::new(Registry::new(Duration::from_secs(1), limits), capacity)
+        let wakeup = Arc::new(Wakeup::new().unwrap());
+        Presence::new(
+            Registry::new(Duration::from_secs(1), limits),
+            capacity,
+            wakeup,
+        )
     }
 
     #[test]

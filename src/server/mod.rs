@@ -29,6 +29,7 @@ use crate::net;
 use crate::protocol;
 use crate::registry::{Limits, Peer, Registry};
 use crate::throttle::{throttled, Throttle};
+use crate::wakeup::Wakeup;
 use crate::worker::{lock, Workers};
 use events::Presence;
 pub use events::{Event, Kind, Reason};
@@ -111,6 +112,10 @@ struct Shared {
     keys: Option<Keys>,
     /// Held for every fan-out, by whichever thread sends it: this is what keeps order.
     sending: Mutex<Sending>,
+    /// Written when an event is queued for a waiting event loop, when the events queue closes,
+    /// and when the receiver ends (a panic anywhere ends it: waiting loops then find the server
+    /// dead).
+    wakeup: Arc<Wakeup>,
 }
 
 pub struct Server {
@@ -148,7 +153,8 @@ impl Shared {
             .local_addr()
             .map_err(|e| Error::io("cannot read bound address", e))?;
         let registry = Registry::new(config.interval, config.limits);
-        let (presence, events) = Presence::new(registry, config.event_queue);
+        let wakeup = Arc::new(Wakeup::new().map_err(|e| Error::io("cannot create an eventfd", e))?);
+        let (presence, events) = Presence::new(registry, config.event_queue, Arc::clone(&wakeup));
         let shared = Shared {
             socket,
             local,
@@ -157,6 +163,7 @@ impl Shared {
             counters: Counters::default(),
             keys,
             sending: Mutex::default(),
+            wakeup,
         };
         Ok((shared, events))
     }
@@ -192,6 +199,7 @@ impl Server {
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
             server.workers.spawn("udpchat-srv-rx", move || {
+                let _woken = shared.wakeup.guard();
                 let mut inbox = net::Inbox::new(RECV_BATCH, shared.config.max_datagram);
                 let mut handler = Receive::new(&shared, &stop, &fanout);
                 net::receive_loop(&shared.socket, &mut inbox, &stop, &mut handler);
@@ -243,6 +251,12 @@ impl Server {
     /// to the end) when the server has stopped.
     pub fn events(&self) -> &Receiver<Event> {
         &self.events
+    }
+
+    /// Written when an event is queued for a consumer that armed it, when the events queue
+    /// closes, and when the server dies.
+    pub fn wakeup(&self) -> &Arc<Wakeup> {
+        &self.shared.wakeup
     }
 
     /// Removes `addr` now and sends it `end` (keyed in validated mode), with a `kicked` leave.

@@ -1,0 +1,230 @@
+"""The asyncio side of ChatServerUdp and ChatClientUdp: ``async with``, ``async for`` and the
+awaitable methods, on the classes udpchat exports.
+
+No thread waits for a coroutine. The core queues messages (and events) on its own threads and
+writes an eventfd when it queues one for a consumer that said it was about to wait, and when the
+queue closes. A coroutine takes what is waiting without waiting; when nothing is, it waits for
+that eventfd, which the event loop watches (``add_reader``) while at least one coroutine waits.
+A message leaves the queue only in the coroutine that returns it, after its last ``await``, so a
+cancelled receive has taken nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, TypeVar
+
+from . import _udpchat
+from ._udpchat import Event, Message, _PendingSend, _seconds, _Wakeup
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+T = TypeVar("T")
+
+
+class _Waiters:
+    """The coroutines of one event loop waiting on one eventfd, which the loop watches for as
+    long as one of them waits. The ``_Wakeup`` is held so the fd stays open until then."""
+
+    __slots__ = ("fd", "futures", "loop", "wakeup")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wakeup: _Wakeup) -> None:
+        self.loop = loop
+        self.wakeup = wakeup
+        self.fd = wakeup.fileno()
+        self.futures: set[asyncio.Future[None]] = set()
+        loop.add_reader(self.fd, self._woken)
+
+    def _woken(self) -> None:
+        # Every waiter looks again: the one that finds the message takes it, the others wait
+        # again. Waking only one would lose the wake-up if that one were cancelled meanwhile.
+        self.wakeup.drain()
+        for future in self.futures:
+            if not future.done():
+                future.set_result(None)
+
+    def close(self) -> None:
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self.fd)
+
+
+class _Loops:
+    """The waits in progress on one object, by eventfd (a restart makes a new core with a new
+    eventfd while waiters of the old one may not have woken yet), all in one event loop."""
+
+    __slots__ = ("by_fd", "lock")
+
+    def __init__(self) -> None:
+        self.by_fd: dict[int, _Waiters] = {}
+        # For loops in other threads: the check for another loop and the registration are one.
+        self.lock = threading.Lock()
+
+    def check(self, loop: asyncio.AbstractEventLoop, what: object) -> None:
+        """RuntimeError if a coroutine of another event loop (not closed) waits on this object."""
+        for waiters in self.by_fd.values():
+            if waiters.loop is not loop and not waiters.loop.is_closed():
+                raise RuntimeError(
+                    f"{what!r} is being awaited in another event loop; an object can be "
+                    "awaited in one event loop at a time"
+                )
+
+    async def wait(self, wakeup: _Wakeup, deadline: float | None, what: object) -> None:
+        """Waits until ``wakeup`` is written or the loop's clock reaches ``deadline``."""
+        loop = asyncio.get_running_loop()
+        fd = wakeup.fileno()
+        with self.lock:
+            self.check(loop, what)
+            waiters = self.by_fd.get(fd)
+            if waiters is None or waiters.loop is not loop:
+                if waiters is not None:
+                    waiters.close()  # a closed loop's, whose coroutines will never resume
+                waiters = self.by_fd[fd] = _Waiters(loop, wakeup)
+        future: asyncio.Future[None] = loop.create_future()
+        waiters.futures.add(future)
+        timer = None if deadline is None else loop.call_at(deadline, _wake, future)
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+            waiters.futures.discard(future)
+            with self.lock:
+                if not waiters.futures and self.by_fd.get(fd) is waiters:
+                    del self.by_fd[fd]
+                    waiters.close()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _receive(
+    loops: _Loops,
+    take: Callable[[int], list[T] | _Wakeup | None],
+    max: int,
+    timeout: float | None,
+    what: object,
+) -> list[T] | None:
+    """Up to ``max`` items: waits up to ``timeout`` seconds (None: without end) for the first,
+    then takes those waiting behind it. None on timeout or once the queue is closed and read."""
+    seconds = None if timeout is None else _seconds(timeout)
+    if loops.by_fd:
+        loops.check(asyncio.get_running_loop(), what)
+    deadline = None
+    while True:
+        got = take(max)
+        if not isinstance(got, _Wakeup):
+            return got
+        loop = asyncio.get_running_loop()
+        if seconds is not None:
+            if deadline is None:
+                deadline = loop.time() + seconds
+            if loop.time() >= deadline:
+                return None
+        await loops.wait(got, deadline, what)
+
+
+class ChatServerUdp(_udpchat.ChatServerUdp):
+    """A UDP chat server (see ``udpchat._udpchat.ChatServerUdp`` for all but asyncio), with
+    ``async with`` and the presence events as awaitables: ``anext_event``, ``aevents``."""
+
+    __slots__ = ("_loops",)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._loops = _Loops()
+
+    async def anext_event(self, timeout: float | None = None) -> Event | None:
+        """``next_event`` for asyncio: the next presence event, waiting up to ``timeout`` seconds
+        (None: until one comes) without blocking the loop. None on timeout, or once the server
+        has stopped and every event queued before has been read."""
+        events = await _receive(self._loops, self._take_events, 1, timeout, self)
+        return events[0] if events else None
+
+    async def aevents(self, max: int = 1024, timeout: float | None = None) -> list[Event]:
+        """``events`` for asyncio: up to ``max`` events, waiting up to ``timeout`` seconds
+        for the first. An empty list where ``anext_event`` returns None."""
+        return await _receive(self._loops, self._take_events, max, timeout, self) or []
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ChatClientUdp(_udpchat.ChatClientUdp):
+    """A UDP chat client (see ``udpchat._udpchat.ChatClientUdp`` for all but asyncio), with
+    ``async with``, ``async for`` and ``asend``, ``arecv``, ``arecv_many``."""
+
+    __slots__ = ("_loops",)
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self._loops = _Loops()
+
+    async def asend(self, msg: str | bytes | bytearray | memoryview = "quit") -> None:
+        """``send`` for asyncio: never blocks the loop. When the socket's buffer is full, it
+        waits in the loop until the socket is writable."""
+        pending = self._try_send(msg)
+        if pending is not None:
+            await _send_when_writable(pending)
+
+    async def arecv(self, timeout: float | None = None) -> Message | None:
+        """``recv`` for asyncio: the next message, waiting up to ``timeout`` seconds (None: until
+        one comes) without blocking the loop. None on timeout, or once the client is stopped or
+        closed by the server and every message that arrived before has been read. Cancelled, it
+        has taken nothing."""
+        messages = await _receive(self._loops, self._take, 1, timeout, self)
+        return messages[0] if messages else None
+
+    async def arecv_many(self, max: int = 1024, timeout: float | None = None) -> list[Message]:
+        """``recv_many`` for asyncio: up to ``max`` messages, waiting up to ``timeout`` seconds
+        for the first. An empty list where ``arecv`` returns None."""
+        return await _receive(self._loops, self._take, max, timeout, self) or []
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Message:
+        """The next message; iteration ends when the client stops or the server ends."""
+        messages = await _receive(self._loops, self._take, 1, None, self)
+        if not messages:
+            raise StopAsyncIteration
+        return messages[0]
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+async def _send_when_writable(pending: _PendingSend) -> None:
+    """Sends ``pending`` once its socket is writable, waiting in the loop (never in a thread)."""
+    loop = asyncio.get_running_loop()
+    fd = pending.fileno()
+    while True:
+        future: asyncio.Future[None] = loop.create_future()
+        loop.add_writer(fd, _wake, future)
+        try:
+            await future
+        finally:
+            loop.remove_writer(fd)
+        if pending.retry():
+            return
