@@ -98,6 +98,22 @@ class _Loops:
                     waiters.close()
 
 
+# Made on first use, not in ``__init__``: an ``__init__`` here would hide the constructor's
+# signature (the core's ``__new__``) from ``inspect`` and ``help()``.
+_made = threading.Lock()
+
+
+def _loops(obj: ChatServerUdp | ChatClientUdp) -> _Loops:
+    """``obj``'s waits in progress."""
+    try:
+        return obj._loops
+    except AttributeError:
+        with _made:
+            if not hasattr(obj, "_loops"):
+                obj._loops = _Loops()
+        return obj._loops
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -134,21 +150,19 @@ class ChatServerUdp(_udpchat.ChatServerUdp):
     ``async with`` and the presence events as awaitables: ``anext_event``, ``aevents``."""
 
     __slots__ = ("_loops",)
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self._loops = _Loops()
+    _loops: _Loops
 
     async def anext_event(self, timeout: float | None = None) -> Event | None:
         """``next_event`` for asyncio: the next presence event, waiting up to ``timeout`` seconds
         (None: until one comes) without blocking the loop. None on timeout, or once the server
         has stopped and every event queued before has been read."""
-        events = await _receive(self._loops, self._take_events, 1, timeout, self)
+        events = await _receive(_loops(self), self._take_events, 1, timeout, self)
         return events[0] if events else None
 
     async def aevents(self, max: int = 1024, timeout: float | None = None) -> list[Event]:
         """``events`` for asyncio: up to ``max`` events, waiting up to ``timeout`` seconds
         for the first. An empty list where ``anext_event`` returns None."""
-        return await _receive(self._loops, self._take_events, max, timeout, self) or []
+        return await _receive(_loops(self), self._take_events, max, timeout, self) or []
 
     async def __aenter__(self) -> Self:
         self.start()
@@ -168,9 +182,7 @@ class ChatClientUdp(_udpchat.ChatClientUdp):
     ``async with``, ``async for`` and ``asend``, ``arecv``, ``arecv_many``."""
 
     __slots__ = ("_loops",)
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        self._loops = _Loops()
+    _loops: _Loops
 
     async def asend(self, msg: str | bytes | bytearray | memoryview = "quit") -> None:
         """``send`` for asyncio: never blocks the loop. When the socket's buffer is full, it
@@ -184,20 +196,20 @@ class ChatClientUdp(_udpchat.ChatClientUdp):
         one comes) without blocking the loop. None on timeout, or once the client is stopped or
         closed by the server and every message that arrived before has been read. Cancelled, it
         has taken nothing."""
-        messages = await _receive(self._loops, self._take, 1, timeout, self)
+        messages = await _receive(_loops(self), self._take, 1, timeout, self)
         return messages[0] if messages else None
 
     async def arecv_many(self, max: int = 1024, timeout: float | None = None) -> list[Message]:
         """``recv_many`` for asyncio: up to ``max`` messages, waiting up to ``timeout`` seconds
         for the first. An empty list where ``arecv`` returns None."""
-        return await _receive(self._loops, self._take, max, timeout, self) or []
+        return await _receive(_loops(self), self._take, max, timeout, self) or []
 
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> Message:
         """The next message; iteration ends when the client stops or the server ends."""
-        messages = await _receive(self._loops, self._take, 1, None, self)
+        messages = await _receive(_loops(self), self._take, 1, None, self)
         if not messages:
             raise StopAsyncIteration
         return messages[0]
