@@ -12,6 +12,7 @@ cancelled receive has taken nothing.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -56,15 +57,21 @@ class _Loops:
     """The waits in progress on one object, by eventfd (a restart makes a new core with a new
     eventfd while waiters of the old one may not have woken yet), all in one event loop."""
 
-    __slots__ = ("by_fd", "lock")
+    __slots__ = ("by_fd", "lock", "pid")
 
     def __init__(self) -> None:
         self.by_fd: dict[int, _Waiters] = {}
         # For loops in other threads: the check for another loop and the registration are one.
         self.lock = threading.Lock()
+        self.pid = os.getpid()
 
     def check(self, loop: asyncio.AbstractEventLoop, what: object) -> None:
         """RuntimeError if a coroutine of another event loop (not closed) waits on this object."""
+        if self.pid != os.getpid():
+            # A forked child's copy: the parent's waits are not this process's (and the object
+            # itself says it belongs to the parent, at its next use).
+            self.by_fd.clear()
+            self.pid = os.getpid()
         for waiters in self.by_fd.values():
             if waiters.loop is not loop and not waiters.loop.is_closed():
                 raise RuntimeError(
