@@ -91,7 +91,7 @@ class Message:
 class Event:
     """A client joined, left, or was refused: one entry of a server's presence queue, read with
     ``ChatServerUdp.next_event`` or ``ChatServerUdp.events``. Immutable; ``==`` compares every
-    field. Made by the server only (not constructible); not hashable.
+    field. Made by the server only (not constructible); hashable.
 
     Per address, events come in the order they happened (a join before its leave).
     """
@@ -149,7 +149,7 @@ class Event:
 @final
 class Peer:
     """One registered client's figures, from ``ChatServerUdp.peers()``: a snapshot, immutable;
-    ``==`` compares every field. Made by the server only (not constructible); not hashable."""
+    ``==`` compares every field. Made by the server only (not constructible); hashable."""
 
     @property
     def joined(self) -> float:
