@@ -7,6 +7,12 @@ queue closes. A coroutine takes what is waiting without waiting; when nothing is
 that eventfd, which the event loop watches (``add_reader``) while at least one coroutine waits.
 A message leaves the queue only in the coroutine that returns it, after its last ``await``, so a
 cancelled receive has taken nothing.
+
+A write wakes one waiting coroutine, the longest waiting; each coroutine that leaves a receive,
+however it leaves (with a message, at the close, timed out, cancelled), wakes the next one, which
+looks at the queue and waits again if it finds nothing. So a backlog, a close, or a wake-up that
+fell to a cancelled coroutine reaches every waiter, one after another, and a message wakes two
+coroutines, not all of them.
 """
 
 from __future__ import annotations
@@ -37,16 +43,20 @@ class _Waiters:
         self.loop = loop
         self.wakeup = wakeup
         self.fd = wakeup.fileno()
-        self.futures: set[asyncio.Future[None]] = set()
+        # In the order they came: a dict keeps it.
+        self.futures: dict[asyncio.Future[None], None] = {}
         loop.add_reader(self.fd, self._woken)
 
     def _woken(self) -> None:
-        # Every waiter looks again: the one that finds the message takes it, the others wait
-        # again. Waking only one would lose the wake-up if that one were cancelled meanwhile.
         self.wakeup.drain()
+        self.wake_one()
+
+    def wake_one(self) -> None:
+        """Wakes the coroutine that has waited longest and is not woken yet, if any."""
         for future in self.futures:
             if not future.done():
                 future.set_result(None)
+                return
 
     def close(self) -> None:
         if not self.loop.is_closed():
@@ -79,6 +89,14 @@ class _Loops:
                     "awaited in one event loop at a time"
                 )
 
+    def pass_on(self) -> None:
+        """For a coroutine leaving a receive: wakes the next waiter of its loop, to look at what
+        is left."""
+        loop = asyncio.get_running_loop()
+        for waiters in self.by_fd.values():
+            if waiters.loop is loop:
+                waiters.wake_one()
+
     async def wait(self, wakeup: _Wakeup, deadline: float | None, what: object) -> None:
         """Waits until ``wakeup`` is written or the loop's clock reaches ``deadline``."""
         loop = asyncio.get_running_loop()
@@ -91,14 +109,14 @@ class _Loops:
                     waiters.close()  # a closed loop's, whose coroutines will never resume
                 waiters = self.by_fd[fd] = _Waiters(loop, wakeup)
         future: asyncio.Future[None] = loop.create_future()
-        waiters.futures.add(future)
+        waiters.futures[future] = None
         timer = None if deadline is None else loop.call_at(deadline, _wake, future)
         try:
             await future
         finally:
             if timer is not None:
                 timer.cancel()
-            waiters.futures.discard(future)
+            waiters.futures.pop(future, None)
             with self.lock:
                 if not waiters.futures and self.by_fd.get(fd) is waiters:
                     del self.by_fd[fd]
@@ -139,17 +157,21 @@ async def _receive(
     if loops.by_fd:
         loops.check(asyncio.get_running_loop(), what)
     deadline = None
-    while True:
-        got = take(max)
-        if not isinstance(got, _Wakeup):
-            return got
-        loop = asyncio.get_running_loop()
-        if seconds is not None:
-            if deadline is None:
-                deadline = loop.time() + seconds
-            if loop.time() >= deadline:
-                return None
-        await loops.wait(got, deadline, what)
+    try:
+        while True:
+            got = take(max)
+            if not isinstance(got, _Wakeup):
+                return got
+            loop = asyncio.get_running_loop()
+            if seconds is not None:
+                if deadline is None:
+                    deadline = loop.time() + seconds
+                if loop.time() >= deadline:
+                    return None
+            await loops.wait(got, deadline, what)
+    finally:
+        if loops.by_fd:
+            loops.pass_on()
 
 
 class ChatServerUdp(_udpchat.ChatServerUdp):
