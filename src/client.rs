@@ -139,7 +139,7 @@ pub struct Client {
     local: SocketAddr,
     workers: Workers,
     messages: Receiver<Vec<u8>>,
-    /// Written when `messages` gets a message an event loop waits for, and when it closes.
+    /// Written when `messages` gets a message an event loop waits for, and when a thread ends.
     wakeup: Arc<Wakeup>,
 }
 
@@ -170,18 +170,18 @@ impl Client {
         shared
             .send(protocol::REG, None)
             .map_err(|e| Error::io(format!("cannot register with {}", config.server), e))?;
-        let workers = Workers::new(Self::NAME)?;
+        let wakeup = Arc::new(Wakeup::new().map_err(|e| Error::io("cannot create an eventfd", e))?);
+        let workers = Workers::new(Self::NAME, Arc::clone(&wakeup))?;
         // Unbounded, so nothing is allocated for slots never used; the receiver thread, its only
         // sender, keeps it to `max_queue`.
         let (tx, messages) = crossbeam_channel::unbounded();
         let max_queue = config.max_queue;
-        let wakeup = Arc::new(Wakeup::new().map_err(|e| Error::io("cannot create an eventfd", e))?);
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(workers.stop()));
             let wakeup = Arc::clone(&wakeup);
+            // Once it ends, its `tx` dropped, `Workers` writes the eventfd: a waiting event loop
+            // then finds the queue closed.
             workers.spawn("udpchat-cli-rx", move || {
-                // Dropped last, after `tx`: a waiting event loop then finds the queue closed.
-                let _closed = wakeup.guard();
                 let mut inbox = net::Inbox::new(RECV_BATCH, RECV_BUFFER);
                 let mut handler = Receive {
                     shared: &shared,

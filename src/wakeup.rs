@@ -1,6 +1,7 @@
 //! How a core thread wakes an event loop that waits for its queue, without the GIL and without a
 //! thread per wait: an eventfd the loop watches (asyncio's `add_reader`), written only when a
-//! consumer has said it is about to wait (`arm`), and always when the queue closes.
+//! consumer has said it is about to wait (`arm`), and always when the queue closes or a core
+//! thread ends (`wake`).
 //!
 //! The consumer arms, then looks at the queue once more, and only then waits; the producer
 //! queues, then takes the arming. Either the consumer's last look finds the item, or the
@@ -11,8 +12,6 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{fence, AtomicBool, Ordering};
-use std::sync::Arc;
-
 pub struct Wakeup {
     fd: OwnedFd,
     /// Set by a consumer about to wait; taken by the producer that writes.
@@ -51,8 +50,9 @@ impl Wakeup {
         }
     }
 
-    /// Producer: the queue closed, or its producer died: every waiter must look. Always writes.
-    pub fn close(&self) {
+    /// The queue closed, or a core thread ended (a panic kept, its end of the queue dropped):
+    /// every waiter must look. Always writes.
+    pub fn wake(&self) {
         self.armed.store(false, Ordering::Relaxed);
         self.write();
     }
@@ -70,12 +70,6 @@ impl Wakeup {
         // counter is near 2^64 and so readable already.
         unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };
     }
-
-    /// Writes `close()` when dropped: held by a producer thread so that however it ends,
-    /// normally or in a panic, its consumers are woken after its end of the queue is dropped.
-    pub fn guard(self: &Arc<Self>) -> CloseOnDrop {
-        CloseOnDrop(Arc::clone(self))
-    }
 }
 
 impl AsFd for Wakeup {
@@ -84,17 +78,10 @@ impl AsFd for Wakeup {
     }
 }
 
-pub struct CloseOnDrop(Arc<Wakeup>);
-
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn readable(w: &Wakeup) -> bool {
         let mut fds = [libc::pollfd {
@@ -121,13 +108,16 @@ mod tests {
     }
 
     #[test]
-    fn close_and_a_dropped_guard_always_write() {
-        let w = Arc::new(Wakeup::new().unwrap());
-        w.close();
+    fn wake_always_writes_and_takes_the_arming() {
+        let w = Wakeup::new().unwrap();
+        w.wake();
         assert!(readable(&w));
         w.drain();
-        drop(w.guard());
-        assert!(readable(&w));
+        w.arm();
+        w.wake();
+        w.drain();
+        w.notify();
+        assert!(!readable(&w), "wake took the arming");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::wakeup::Wakeup;
 
 /// Fired once, seen by every kind of wait a core thread does: `poll` sees the pipe hang up,
 /// `select!` sees the channel disconnect, and loops between system calls read the flag.
@@ -72,6 +73,9 @@ pub struct Workers {
     /// before its panic is kept and the stop fired, so whoever sees one close `settle()`s first.
     unfinished: Arc<(Mutex<usize>, Condvar)>,
     handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Written as each thread ends, once its panic (if any) is kept: an event loop waiting for
+    /// the core's queue then finds it closed, or the core dead.
+    wakeup: Arc<Wakeup>,
 }
 
 /// How long `failure()` waits, once stopped, for threads still ending (they end within one
@@ -79,7 +83,7 @@ pub struct Workers {
 const SETTLE: Duration = Duration::from_secs(1);
 
 impl Workers {
-    pub fn new(name: &'static str) -> Result<Self> {
+    pub fn new(name: &'static str, wakeup: Arc<Wakeup>) -> Result<Self> {
         Ok(Workers {
             name,
             stop: Arc::new(Stop::new().map_err(|e| Error::io("cannot create stop pipe", e))?),
@@ -87,6 +91,7 @@ impl Workers {
             unfinished: Arc::default(),
             failure: Arc::default(),
             handles: Mutex::default(),
+            wakeup,
         })
     }
 
@@ -101,6 +106,7 @@ impl Workers {
         let failure = Arc::clone(&self.failure);
         let injected = Arc::clone(&self.injected);
         let unfinished = Arc::clone(&self.unfinished);
+        let wakeup = Arc::clone(&self.wakeup);
         *lock(&unfinished.0) += 1;
         let thread_name = name.to_owned();
         let handle = std::thread::Builder::new()
@@ -124,6 +130,7 @@ impl Workers {
                 }
                 *lock(&unfinished.0) -= 1;
                 unfinished.1.notify_all();
+                wakeup.wake();
             })
             .map_err(|e| {
                 *lock(&self.unfinished.0) -= 1;
@@ -210,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_panic_is_kept_and_stops_the_other_threads() {
-        let workers = Workers::new("test").unwrap();
+        let workers = Workers::new("test", Arc::new(Wakeup::new().unwrap())).unwrap();
         let stop = Arc::clone(workers.stop());
         workers
             .spawn("waiter", move || {
@@ -237,7 +244,7 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
-        let workers = Workers::new("test").unwrap();
+        let workers = Workers::new("test", Arc::new(Wakeup::new().unwrap())).unwrap();
         let (tx, rx) = crossbeam_channel::bounded::<()>(0);
         workers
             .spawn("unwinder", move || {
@@ -253,7 +260,7 @@ mod tests {
 
     #[test]
     fn stop_wakes_poll_and_select_and_is_idempotent() {
-        let workers = Workers::new("test").unwrap();
+        let workers = Workers::new("test", Arc::new(Wakeup::new().unwrap())).unwrap();
         let stop = Arc::clone(workers.stop());
         workers
             .spawn("poller", move || {

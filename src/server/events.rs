@@ -161,7 +161,7 @@ impl Presence {
     /// No event after this one: readers drain the queue, then find it closed.
     pub(super) fn close(&mut self) {
         self.queue = None;
-        self.wakeup.close();
+        self.wakeup.wake();
     }
 }
 

@@ -258,7 +258,8 @@ mod tests {
         };
         config.limits.max_per_ip = 10_000;
         let shared = Arc::new(Shared::bind(config).unwrap().0);
-        let workers = Workers::new("server").unwrap();
+        let workers =
+            Workers::new("server", Arc::new(crate::wakeup::Wakeup::new().unwrap())).unwrap();
         start_helpers(&shared, &workers).unwrap();
         // Enough clients that one datagram is a parallel round on its own.
         let peers: Vec<UdpSocket> = (0..PARALLEL_FANOUT + 76)

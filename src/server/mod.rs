@@ -113,8 +113,7 @@ struct Shared {
     /// Held for every fan-out, by whichever thread sends it: this is what keeps order.
     sending: Mutex<Sending>,
     /// Written when an event is queued for a waiting event loop, when the events queue closes,
-    /// and when the receiver ends (a panic anywhere ends it: waiting loops then find the server
-    /// dead).
+    /// and as each thread ends, its panic kept (waiting loops then find the server dead).
     wakeup: Arc<Wakeup>,
 }
 
@@ -186,7 +185,7 @@ impl Server {
         let (shared, events) = Shared::bind(config)?;
         let shared = Arc::new(shared);
         let local = shared.local;
-        let workers = Workers::new(Self::NAME)?;
+        let workers = Workers::new(Self::NAME, Arc::clone(&shared.wakeup))?;
         let (fanout, jobs) = crossbeam_channel::bounded::<Job>(FANOUT_QUEUE);
         let server = Server {
             shared: Arc::clone(&shared),
@@ -199,7 +198,6 @@ impl Server {
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
             server.workers.spawn("udpchat-srv-rx", move || {
-                let _woken = shared.wakeup.guard();
                 let mut inbox = net::Inbox::new(RECV_BATCH, shared.config.max_datagram);
                 let mut handler = Receive::new(&shared, &stop, &fanout);
                 net::receive_loop(&shared.socket, &mut inbox, &stop, &mut handler);
