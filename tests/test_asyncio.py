@@ -43,7 +43,7 @@ from conftest import (
     wait_until,
 )
 from udpchat import ChatClientUdp, ChatServerUdp, Event, Message
-from udpchat._asyncio import _send_when_writable
+from udpchat._asyncio import _loops, _send_when_writable
 
 try:
     import uvloop
@@ -871,7 +871,7 @@ def test_cancelled_receives_lose_nothing(
                     # The sender waits for room the lost ones never give back: no progress.
                     assert time.monotonic() - progress < 3, f"seed {seed}: stalled, one lost"
                     result = await storm_round(
-                        rng, receive, lambda: bool(client._loops.by_fd), storm
+                        rng, receive, lambda: bool(_loops(client).by_fd), storm
                     )
                     taken = [result] if isinstance(result, Message) else result or []
                     for message in taken:
@@ -949,7 +949,7 @@ def test_cancelled_event_waits_lose_nothing(
                     assert time.monotonic() < deadline, "too slow: see the counts"
                     assert time.monotonic() - progress < 3, f"seed {seed}: stalled, one lost"
                     result = await storm_round(
-                        rng, receive, lambda: bool(server._loops.by_fd), storm
+                        rng, receive, lambda: bool(_loops(server).by_fd), storm
                     )
                     taken = [result] if isinstance(result, Event) else result or []
                     for event in taken:

@@ -22,10 +22,10 @@ import os
 import threading
 from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _udpchat
-from ._udpchat import Event, Message, _PendingSend, _seconds, _Wakeup
+from ._udpchat import Event, Message, _PendingSend, _seconds
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -33,22 +33,31 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class _Queue(Protocol[T]):
+    """One run's queue (``_MessageQueue``, ``_EventQueue``): what a coroutine waits on."""
+
+    def fileno(self) -> int: ...
+    def drain(self) -> None: ...
+    def take(self, max: int) -> list[T] | _Queue[T] | None: ...
+
+
 class _Waiters:
-    """The coroutines of one event loop waiting on one eventfd, which the loop watches for as
-    long as one of them waits. The ``_Wakeup`` is held so the fd stays open until then."""
+    """The coroutines of one event loop waiting on one run's queue, whose eventfd the loop
+    watches for as long as one of them waits. The queue is held so the fd stays open until
+    then."""
 
-    __slots__ = ("fd", "futures", "loop", "wakeup")
+    __slots__ = ("fd", "futures", "loop", "queue")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, wakeup: _Wakeup) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: _Queue[Any]) -> None:
         self.loop = loop
-        self.wakeup = wakeup
-        self.fd = wakeup.fileno()
+        self.queue = queue
+        self.fd = queue.fileno()
         # In the order they came: a dict keeps it.
         self.futures: dict[asyncio.Future[None], None] = {}
         loop.add_reader(self.fd, self._woken)
 
     def _woken(self) -> None:
-        self.wakeup.drain()
+        self.queue.drain()
         self.wake_one()
 
     def wake_one(self) -> None:
@@ -97,17 +106,17 @@ class _Loops:
             if waiters.loop is loop:
                 waiters.wake_one()
 
-    async def wait(self, wakeup: _Wakeup, deadline: float | None, what: object) -> None:
-        """Waits until ``wakeup`` is written or the loop's clock reaches ``deadline``."""
+    async def wait(self, queue: _Queue[Any], deadline: float | None, what: object) -> None:
+        """Waits until ``queue``'s eventfd is written or the loop's clock reaches ``deadline``."""
         loop = asyncio.get_running_loop()
-        fd = wakeup.fileno()
+        fd = queue.fileno()
         with self.lock:
             self.check(loop, what)
             waiters = self.by_fd.get(fd)
             if waiters is None or waiters.loop is not loop:
                 if waiters is not None:
                     waiters.close()  # a closed loop's, whose coroutines will never resume
-                waiters = self.by_fd[fd] = _Waiters(loop, wakeup)
+                waiters = self.by_fd[fd] = _Waiters(loop, queue)
         future: asyncio.Future[None] = loop.create_future()
         waiters.futures[future] = None
         timer = None if deadline is None else loop.call_at(deadline, _wake, future)
@@ -146,21 +155,23 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 async def _receive(
     loops: _Loops,
-    take: Callable[[int], list[T] | _Wakeup | None],
+    take: Callable[[int], list[T] | _Queue[T] | None],
     max: int,
     timeout: float | None,
     what: object,
 ) -> list[T] | None:
     """Up to ``max`` items: waits up to ``timeout`` seconds (None: without end) for the first,
-    then takes those waiting behind it. None on timeout or once the queue is closed and read."""
+    then takes those waiting behind it. None on timeout or once the queue is closed and read.
+    ``take`` looks at the object's current run; once it has to wait, it waits on that run's
+    queue and takes from it only: a restart meanwhile ends the wait as the stop did."""
     seconds = None if timeout is None else _seconds(timeout)
     if loops.by_fd:
         loops.check(asyncio.get_running_loop(), what)
     deadline = None
     try:
+        got = take(max)
         while True:
-            got = take(max)
-            if not isinstance(got, _Wakeup):
+            if got is None or isinstance(got, list):
                 return got
             loop = asyncio.get_running_loop()
             if seconds is not None:
@@ -169,6 +180,7 @@ async def _receive(
                 if loop.time() >= deadline:
                     return None
             await loops.wait(got, deadline, what)
+            got = got.take(max)
     finally:
         if loops.by_fd:
             loops.pass_on()

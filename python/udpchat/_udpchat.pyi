@@ -14,8 +14,9 @@ __all__ = [
     "Event",
     "Message",
     "Peer",
+    "_EventQueue",
+    "_MessageQueue",
     "_PendingSend",
-    "_Wakeup",
     "__version__",
     "_seconds",
     "reset_log_cache",
@@ -41,13 +42,30 @@ def _seconds(timeout: float | None) -> float | None:
     """``timeout`` checked as the blocking methods check it: seconds, or None for no end."""
 
 @final
-class _Wakeup:
-    """A core's eventfd, readable when a queue an event loop waits for may have something, or
-    has closed. Holding it keeps the fd open."""
+class _MessageQueue:
+    """One client run's message queue, for a coroutine to wait on: its eventfd, readable when
+    a message may be there or the run has ended, and ``take`` from that run only. Holding it
+    keeps the fd open."""
 
     def fileno(self) -> int: ...
     def drain(self) -> None:
         """Resets the eventfd, before looking at the queue again."""
+
+    def take(self, max: int) -> list[Message] | _MessageQueue | None:
+        """Up to ``max`` messages already waiting; else this queue, its eventfd armed; None
+        once it is closed and read."""
+
+@final
+class _EventQueue:
+    """One server run's events queue, for a coroutine to wait on, as ``_MessageQueue``."""
+
+    def fileno(self) -> int: ...
+    def drain(self) -> None:
+        """Resets the eventfd, before looking at the queue again."""
+
+    def take(self, max: int) -> list[Event] | _EventQueue | None:
+        """Up to ``max`` events already queued; else this queue, its eventfd armed; None once
+        it is closed and read, or its server died."""
 
 @final
 class _PendingSend:
@@ -298,9 +316,10 @@ class ChatServerUdp:
         ``next_event``) for the first, then takes those already queued. Returns ``[]`` where
         ``next_event`` returns None."""
 
-    def _take_events(self, max: int) -> list[Event] | _Wakeup | None:
+    def _take_events(self, max: int) -> list[Event] | _EventQueue | None:
         """For the asyncio methods: up to ``max`` events already queued, without waiting; else
-        the eventfd to wait on, armed; None where ``next_event`` returns None."""
+        this run's queue to wait on, its eventfd armed; None where ``next_event`` returns
+        None."""
 
     def peers(self) -> dict[tuple[str, int], Peer]:
         """``{(ip, port): Peer}`` for every live client, one consistent snapshot; empty when
@@ -407,9 +426,10 @@ class ChatClientUdp:
         Cheaper per message than ``recv`` when messages come in bursts.
         """
 
-    def _take(self, max: int) -> list[Message] | _Wakeup | None:
+    def _take(self, max: int) -> list[Message] | _MessageQueue | None:
         """For the asyncio methods: up to ``max`` messages already waiting, without waiting;
-        else the eventfd to wait on, armed; None where ``recv`` returns None."""
+        else this run's queue to wait on, its eventfd armed; None where ``recv`` returns
+        None."""
 
     def _try_send(self, msg: str | bytes | bytearray | memoryview) -> _PendingSend | None:
         """For ``asend``: sends ``msg`` if the socket has room now (None), else gives back what

@@ -2,28 +2,122 @@
 //! Python object, and a send that waits for room in the event loop instead of a thread.
 
 use pyo3::prelude::*;
+use pyo3::IntoPyObjectExt;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 
+use super::client::{closed, Messages};
+use super::message::Message;
+use super::presence::Event;
+use super::queue::{Queue, Taken};
+use super::server::dead;
 use super::to_py;
 use crate::client::Client;
-use crate::wakeup;
+use crate::server::{self, Server};
+use crate::wakeup::Wakeup;
 
-/// A core's eventfd, readable when a queue an event loop waits for may have something, or has
-/// closed. Held by the event loop's side while it watches the fd, so the fd cannot close (and
-/// its number be reused) under the loop.
-#[pyclass(frozen, module = "udpchat._udpchat", name = "_Wakeup")]
-pub struct Wakeup(pub Arc<wakeup::Wakeup>);
+/// Up to `max` messages of one client run's queue, without waiting; else `waiting(wakeup)`: what
+/// to wait on, the eventfd armed; None once the queue is closed and read. `RuntimeError` if a
+/// thread's death closed it.
+pub fn take_messages<'py>(
+    py: Python<'py>,
+    queue: &Messages,
+    core: &Option<Arc<Client>>,
+    max: usize,
+    waiting: impl FnOnce(Arc<Wakeup>) -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match queue.take(max, || false) {
+        Taken::Items(items) => items
+            .iter()
+            .map(|d| Message::from_datagram(py, d))
+            .collect::<Vec<_>>()
+            .into_bound_py_any(py),
+        Taken::Empty(wakeup) => waiting(wakeup),
+        Taken::Closed => {
+            closed(py, core.clone())?;
+            Ok(py.None().into_bound(py))
+        }
+    }
+}
+
+/// Up to `max` events of one server run's queue, as [`take_messages`] takes messages; None also
+/// once a thread of `core` panicked and every event queued has been read.
+pub fn take_events<'py>(
+    py: Python<'py>,
+    queue: &Queue<server::Event>,
+    core: &Option<Arc<Server>>,
+    max: usize,
+    waiting: impl FnOnce(Arc<Wakeup>) -> PyResult<Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match queue.take(max, || dead(core)) {
+        Taken::Items(items) => items
+            .into_iter()
+            .map(Event::from)
+            .collect::<Vec<_>>()
+            .into_bound_py_any(py),
+        Taken::Empty(wakeup) => waiting(wakeup),
+        Taken::Closed => Ok(py.None().into_bound(py)),
+    }
+}
+
+/// One client run's message queue, for a coroutine to wait on: its eventfd to watch, and `take`
+/// to go on taking from that run only, so a waiter sees its run end (None) even if the client
+/// is restarted meanwhile. Held by the event loop's side while it watches the fd, so the fd
+/// cannot close (and its number be reused) under the loop.
+#[pyclass(frozen, module = "udpchat._udpchat", name = "_MessageQueue")]
+pub struct MessageQueue {
+    pub queue: Messages,
+    pub core: Option<Arc<Client>>,
+    pub wakeup: Arc<Wakeup>,
+}
 
 #[pymethods]
-impl Wakeup {
+impl MessageQueue {
     fn fileno(&self) -> i32 {
-        self.0.as_fd().as_raw_fd()
+        self.wakeup.as_fd().as_raw_fd()
     }
 
     /// Resets the eventfd, before looking at the queue again.
     fn drain(&self) {
-        self.0.drain();
+        self.wakeup.drain();
+    }
+
+    /// Up to ``max`` messages already waiting; else this queue, its eventfd armed; None once it
+    /// is closed and read.
+    fn take<'py>(slf: &Bound<'py, Self>, max: usize) -> PyResult<Bound<'py, PyAny>> {
+        let this = slf.get();
+        take_messages(slf.py(), &this.queue, &this.core, max, |_| {
+            Ok(slf.clone().into_any())
+        })
+    }
+}
+
+/// One server run's events queue, for a coroutine to wait on, as [`MessageQueue`].
+#[pyclass(frozen, module = "udpchat._udpchat", name = "_EventQueue")]
+pub struct EventQueue {
+    pub queue: Queue<server::Event>,
+    pub core: Option<Arc<Server>>,
+    pub wakeup: Arc<Wakeup>,
+}
+
+#[pymethods]
+impl EventQueue {
+    fn fileno(&self) -> i32 {
+        self.wakeup.as_fd().as_raw_fd()
+    }
+
+    /// Resets the eventfd, before looking at the queue again.
+    fn drain(&self) {
+        self.wakeup.drain();
+    }
+
+    /// Up to ``max`` events already queued; else this queue, its eventfd armed; None once it is
+    /// closed and read, or its server died.
+    fn take<'py>(slf: &Bound<'py, Self>, max: usize) -> PyResult<Bound<'py, PyAny>> {
+        let this = slf.get();
+        take_events(slf.py(), &this.queue, &this.core, max, |_| {
+            Ok(slf.clone().into_any())
+        })
     }
 }
 

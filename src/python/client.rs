@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::args::{Arg, MAX_QUEUE};
-use super::asyncio::{PendingSend, Wakeup};
+use super::asyncio::{take_messages, MessageQueue, PendingSend};
 use super::message::Message;
-use super::queue::{Queue, Taken};
+use super::queue::Queue;
 use super::{lifecycle_methods, to_py};
 use crate::client::{Client, ClientConfig};
 use crate::lifecycle::{Core, Slot};
@@ -31,7 +31,7 @@ pub struct ChatClientUdp {
 }
 
 /// The datagrams from the server.
-type Messages = Queue<Vec<u8>>;
+pub(super) type Messages = Queue<Vec<u8>>;
 
 impl ChatClientUdp {
     /// Waits up to `timeout` (None: without end) for the next datagram: with the GIL released,
@@ -59,7 +59,7 @@ impl ChatClientUdp {
 }
 
 /// The queue was found closed: `RuntimeError` if it was a thread's death that closed it.
-fn closed(py: Python<'_>, core: Option<Arc<Client>>) -> PyResult<()> {
+pub(super) fn closed(py: Python<'_>, core: Option<Arc<Client>>) -> PyResult<()> {
     if let Some(core) = core {
         py.detach(|| core.workers().settle());
         core.failure().map_err(to_py)?;
@@ -160,7 +160,7 @@ impl ChatClientUdp {
     }
 
     /// For the asyncio methods: up to ``max`` messages already waiting, without waiting; else
-    /// the eventfd to wait on, armed; None where ``recv`` returns None.
+    /// this run's queue to wait on, its eventfd armed; None where ``recv`` returns None.
     #[pyo3(signature = (max))]
     fn _take<'py>(&self, py: Python<'py>, max: Arg<'py>) -> PyResult<Bound<'py, PyAny>> {
         let max = max.int("max", 1024, 1, MAX_QUEUE)?;
@@ -168,18 +168,15 @@ impl ChatClientUdp {
         let Some(queue) = lock(&self.messages).clone() else {
             return Ok(py.None().into_bound(py));
         };
-        match queue.take(max, || false) {
-            Taken::Items(items) => items
-                .iter()
-                .map(|d| Message::from_datagram(py, d))
-                .collect::<Vec<_>>()
-                .into_bound_py_any(py),
-            Taken::Empty(wakeup) => Wakeup(wakeup).into_bound_py_any(py),
-            Taken::Closed => {
-                closed(py, core)?;
-                Ok(py.None().into_bound(py))
+        take_messages(py, &queue, &core, max, |wakeup| {
+            let (queue, core) = (queue.clone(), core.clone());
+            MessageQueue {
+                queue,
+                core,
+                wakeup,
             }
-        }
+            .into_bound_py_any(py)
+        })
     }
 
     /// For ``asend``: sends ``msg`` if the socket has room now (None), else gives back what to

@@ -168,7 +168,8 @@ fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::Message>()?;
     m.add_class::<presence::Event>()?;
     m.add_class::<presence::Peer>()?;
-    m.add_class::<asyncio::Wakeup>()?;
+    m.add_class::<asyncio::MessageQueue>()?;
+    m.add_class::<asyncio::EventQueue>()?;
     m.add_class::<asyncio::PendingSend>()?;
     m.add_function(wrap_pyfunction!(reset_log_cache, m)?)?;
     m.add_function(wrap_pyfunction!(_seconds, m)?)?;

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use super::args::{Arg, MAX_QUEUE};
-use super::asyncio::Wakeup;
+use super::asyncio::{take_events, EventQueue};
 use super::presence::{Event, Peer};
-use super::queue::{Queue, Taken};
+use super::queue::Queue;
 use super::{lifecycle_methods, py_addr, to_py};
 
 /// The core's defaults, for the keyword arguments'.
@@ -48,7 +48,7 @@ pub struct ChatServerUdp {
 
 /// Whether a thread of `core` panicked: nothing closes its events queue until `stop()`, so
 /// readers stop at the end of what is queued.
-fn dead(core: &Option<Arc<Server>>) -> bool {
+pub(super) fn dead(core: &Option<Arc<Server>>) -> bool {
     core.as_ref().is_some_and(|c| c.workers().panicked())
 }
 
@@ -214,24 +214,24 @@ impl ChatServerUdp {
             .collect())
     }
 
-    /// For the asyncio methods: up to ``max`` events already queued, without waiting; else the
-    /// eventfd to wait on, armed; None where ``next_event`` returns None.
+    /// For the asyncio methods: up to ``max`` events already queued, without waiting; else this
+    /// run's queue to wait on, its eventfd armed; None where ``next_event`` returns None.
     #[pyo3(signature = (max))]
     fn _take_events<'py>(&self, py: Python<'py>, max: Arg<'py>) -> PyResult<Bound<'py, PyAny>> {
         let max = max.int("max", 1024, 1, MAX_QUEUE)?;
         let core = self.core.get().map_err(to_py)?;
-        let Some(events) = lock(&self.events).clone() else {
+        let Some(queue) = lock(&self.events).clone() else {
             return Ok(py.None().into_bound(py));
         };
-        match events.take(max, || dead(&core)) {
-            Taken::Items(items) => items
-                .into_iter()
-                .map(Event::from)
-                .collect::<Vec<_>>()
-                .into_bound_py_any(py),
-            Taken::Empty(wakeup) => Wakeup(wakeup).into_bound_py_any(py),
-            Taken::Closed => Ok(py.None().into_bound(py)),
-        }
+        take_events(py, &queue, &core, max, |wakeup| {
+            let (queue, core) = (queue.clone(), core.clone());
+            EventQueue {
+                queue,
+                core,
+                wakeup,
+            }
+            .into_bound_py_any(py)
+        })
     }
 
     /// ``{(ip, port): Peer}`` for every live client, in one consistent snapshot; empty when not
