@@ -16,6 +16,11 @@ kernel baseline). Servers under test, each started fresh for every measurement:
   udpchat-events-full  udpchat with its presence events never read and their queue full
   before     udpchat as installed for another Python (`--before PYTHON`): an earlier build
 
+The asyncio step measures the clients' `async for`, `arecv` and `arecv_many` against what a
+program writes without udpchat, a DatagramProtocol that feeds an asyncio.Queue, on asyncio's own
+loop and on uvloop (if installed): each measurement in a process of its own, against a
+ChatServerUdp in a child process that it drives over a pipe.
+
 The load generator (benches/loadgen.rs) registers N client sockets on 127.0.0.1, sends with a
 bounded window from a few of them, and counts every broadcast every socket receives.
 
@@ -31,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -42,17 +48,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, TypeVar, cast
+
+if TYPE_CHECKING:
+    from udpchat import ChatClientUdp
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "target" / "release" / "examples"
 # How long a server or CPU burner started here lives at most, if nobody kills it first.
 LIFETIME = 600.0
 # The steps of a full run, in order; `--only` picks some.
-STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry", "presence")
+STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry", "presence", "asyncio")
 # The Python whose udpchat the presence step compares against (`--before`).
 BEFORE: str | None = None
 
@@ -641,6 +652,878 @@ def presence(seconds: float, runs: int) -> None:
     )
 
 
+# --- asyncio: the clients' async methods against a DatagramProtocol ---------------------------
+
+# The event loops the asyncio step runs on: asyncio's own (the selector loop, epoll) and uvloop.
+LOOPS = ("asyncio", "uvloop")
+# The payload of every broadcast in the asyncio step, in bytes, as in `ingest`.
+AIO_PAYLOAD = 64
+# The receive buffer the DatagramProtocol client asks for where messages wait in its kernel
+# buffer (`ingest` asks the same of its plain socket); the kernel caps it at twice rmem_max.
+AIO_RCVBUF = 8 << 20
+
+
+def aio_server() -> None:
+    """(internal) A ChatServerUdp for the asyncio step in this process, driven by one command a
+    line on stdin, one answer a line on stdout. It ends at the end of its input (the measuring
+    process gone) or after LIFETIME seconds, whichever comes first."""
+    from udpchat import ChatServerUdp
+
+    signal.alarm(int(LIFETIME))
+    # The DatagramProtocol client sends no heartbeats: an interval that outlives the run. A
+    # large buffer, so a `reg` from each of 1,000 clients started together is not lost.
+    server = ChatServerUdp("127.0.0.1", 0, interval=LIFETIME, rcvbuf=AIO_RCVBUF)
+    server.start()
+    assert server.address is not None
+    print("{}:{}".format(*server.address), flush=True)
+    filler = b"x" * AIO_PAYLOAD
+    for line in sys.stdin:
+        command, *args = line.split()
+        if command == "clients":  # waits (10 s at most) until N clients are registered
+            deadline = time.monotonic() + 10
+            while server.stats()["clients"] < int(args[0]) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            answer = str(server.stats()["clients"])
+        elif command == "burst":  # N broadcasts, 100 at a time; answers once all are sent
+            n = int(args[0])
+            before = server.stats()
+            expected = before["deliveries"] + n * before["clients"]
+            for i in range(n):
+                server.broadcast(filler)
+                if i % 100 == 99:  # room for the client's receiver: this is not a flood
+                    time.sleep(0.001)
+            deadline = time.monotonic() + 10
+            while server.stats()["deliveries"] < expected and time.monotonic() < deadline:
+                time.sleep(0.001)
+            answer = str((server.stats()["deliveries"] - before["deliveries"]) // before["clients"])
+        elif command == "paced":  # N broadcasts GAP seconds apart, each carrying its send time
+            n, gap = int(args[0]), float(args[1])
+            start = time.perf_counter()
+            for i in range(n):
+                if (delay := start + i * gap - time.perf_counter()) > 0:
+                    time.sleep(delay)
+                server.broadcast(f"{i:08d} {time.monotonic_ns():020d} ".ljust(AIO_PAYLOAD, "x"))
+            answer = str(n)
+        elif command == "stats":
+            answer = json.dumps(server.stats())
+        else:
+            raise SystemExit(f"aio-server: unknown command {line!r}")
+        print(answer, flush=True)
+    server.stop()
+
+
+class AioServer:
+    """`aio-server` in a child process, with its address: `ask` waits for the answer blocking
+    the caller (an event loop included), `aask` waits for it in the running event loop. Its
+    answers are read from the pipe's fd directly: uvloop leaves an fd it watched non-blocking."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "aio-server"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.fd = self.proc.stdin, self.proc.stdout.fileno()
+        self.pending = b""
+        ip, port = self._line(block=True).rsplit(":", 1)
+        self.address = (ip, int(port))
+
+    def _line(self, block: bool) -> str:
+        """The answer once all of it is read, else "" (never, if `block`)."""
+        os.set_blocking(self.fd, block)
+        while not self.pending.endswith(b"\n"):
+            try:
+                chunk = os.read(self.fd, 4096)
+            except BlockingIOError:
+                return ""
+            if not chunk:
+                raise RuntimeError("aio-server ended")
+            self.pending += chunk
+        line, self.pending = self.pending.decode().strip(), b""
+        return line
+
+    def ask(self, command: str) -> str:
+        self.stdin.write(command.encode() + b"\n")
+        self.stdin.flush()
+        return self._line(block=True)
+
+    async def aask(self, command: str) -> str:
+        self.stdin.write(command.encode() + b"\n")
+        self.stdin.flush()
+        loop = asyncio.get_running_loop()
+        while True:
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.fd, resolve, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(self.fd)
+            if answer := self._line(block=False):
+                return answer
+
+    def close(self) -> None:
+        self.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class QueueProtocol(asyncio.DatagramProtocol):
+    """The asyncio step's baseline, what a program writes without udpchat: each datagram from
+    the server put into an asyncio.Queue, for a coroutine to `await queue.get()`."""
+
+    def __init__(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self.queue = queue
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.queue.put_nowait(data)
+
+
+async def open_protocol(
+    address: tuple[str, int], rcvbuf: int | None
+) -> tuple[asyncio.DatagramTransport, asyncio.Queue[bytes | None], int]:
+    """The baseline client, registered with `reg` as ChatClientUdp registers: its transport, its
+    queue and the receive buffer the kernel granted it (after asking for `rcvbuf`, if given)."""
+    sock = socket.socket(type=socket.SOCK_DGRAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.bind(("127.0.0.1", 0))
+    sock.connect(address)
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: QueueProtocol(queue), sock=sock
+    )
+    transport.sendto(b"reg")
+    return transport, queue, granted
+
+
+def run_on(loop_name: str, main: Coroutine[object, object, T]) -> T:
+    """`main` on a new event loop of that name; tasks still running at its end are cancelled."""
+    if loop_name == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        tasks = asyncio.all_tasks(loop)
+        for task in tasks:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+
+def room(request: int, size: int) -> tuple[int, int]:
+    """How many datagrams of `size` bytes a socket that asks for a `request`-byte receive buffer
+    holds unread before the kernel drops one, and the buffer granted. Measured, as
+    tests/conftest.py does: the kernel charges each datagram more than its length."""
+    with (
+        socket.socket(type=socket.SOCK_DGRAM) as probe,
+        socket.socket(type=socket.SOCK_DGRAM) as sender,
+    ):
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, request)
+        probe.bind(("127.0.0.1", 0))
+        granted = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        data = b"x" * size
+        sent = granted // 512 + 64  # none is charged less than 512 bytes
+        for _ in range(sent):
+            sender.sendto(data, probe.getsockname())
+        time.sleep(0.01)
+        probe.setblocking(False)
+        fitted = 0
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(sent):
+                probe.recv(65536)
+                fitted += 1
+    return fitted, granted
+
+
+async def drain_aiter(client: ChatClientUdp, n: int, got: list[int]) -> None:
+    count = 0
+    try:
+        async for _ in client:
+            count += 1
+            if count >= n:
+                break
+    finally:
+        got[0] = count
+
+
+async def drain_many(client: ChatClientUdp, n: int, got: list[int]) -> None:
+    count = 0
+    try:
+        while count < n:
+            count += len(await client.arecv_many(1024))
+    finally:
+        got[0] = count
+
+
+async def drain_queue(queue: asyncio.Queue[bytes | None], n: int, got: list[int]) -> None:
+    count = 0
+    try:
+        while count < n:
+            await queue.get()
+            count += 1
+    finally:
+        got[0] = count
+
+
+def udp_socket(port: int, peer_port: int) -> tuple[int, int]:
+    """The bytes waiting in the receive buffer of the UDP socket bound to `port` and connected
+    to `peer_port`, and the datagrams the kernel dropped for want of room in it, from
+    /proc/net/udp ((0, 0) if there is no such socket)."""
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].rsplit(":", 1)[1], 16) == port and int(f[2].rsplit(":", 1)[1], 16) == peer_port:
+            return int(f[4].split(":")[1], 16), int(f[-1])
+    return 0, 0
+
+
+async def aio_waiting(kind: str, busy: bool, burst: int, rounds: int) -> dict[str, float]:
+    """Messages waiting: `rounds` bursts of `burst` broadcasts, each left to settle, then drained
+    against the clock by `kind` (`aiter`: `async for`; `many`: `arecv_many(1024)`; `protocol`:
+    the DatagramProtocol's queue). `busy`: the event loop was blocked while they came (as by a
+    long callback), so the baseline's wait in its socket's buffer; otherwise the loop idled and
+    the baseline's are in its asyncio.Queue already. udpchat's are in its own queue either way.
+    What the kernel dropped for want of room in the consumer's socket is counted, and not
+    waited for. CPU is the whole process's (every thread), from the burst's first datagram to
+    the drain's end: it counts the reading the drain does not see."""
+    from udpchat import ChatClientUdp
+
+    server = AioServer()
+    client: ChatClientUdp | None = None
+    transport: asyncio.DatagramTransport | None = None
+    granted = 0
+    try:
+        if kind == "protocol":
+            transport, queue, granted = await open_protocol(server.address, AIO_RCVBUF)
+            local = transport.get_extra_info("sockname")[1]
+        else:
+            client = ChatClientUdp(*server.address, interval=60, max_queue=2 * burst)
+            client.start()
+            assert client.address is not None
+            local = client.address[1]
+        assert server.ask("clients 1") == "1", "the consumer did not register"
+        sent = taken = lost = timeouts = 0
+        elapsed = cpu = 0.0
+        for _ in range(rounds):
+            cpu0 = time.process_time()
+            _, drops0 = udp_socket(local, server.address[1])
+            n = int(server.ask(f"burst {burst}") if busy else await server.aask(f"burst {burst}"))
+            # Until the reader (udpchat's thread, or the idle loop) has taken all from the
+            # kernel; a blocked loop's DatagramProtocol leaves them there.
+            deadline = time.monotonic() + 5
+            for pause in [0.002] * 2500 + [0.05]:
+                queued, drops = udp_socket(local, server.address[1])
+                if not queued or (busy and client is None) or time.monotonic() > deadline:
+                    pause = 0.05
+                if busy:
+                    time.sleep(pause)
+                else:
+                    await asyncio.sleep(pause)
+                if pause == 0.05:
+                    break
+            _, drops = udp_socket(local, server.address[1])
+            n -= drops - drops0
+            lost += drops - drops0
+            got = [0]
+            if client is None:
+                drain = drain_queue(queue, n, got)
+            elif kind == "aiter":
+                drain = drain_aiter(client, n, got)
+            else:
+                drain = drain_many(client, n, got)
+            t0 = time.perf_counter()
+            try:
+                await asyncio.wait_for(drain, 2.0)
+            except asyncio.TimeoutError:
+                timeouts += 1  # fewer than counted: the round does not count for the rate
+            else:
+                elapsed += time.perf_counter() - t0
+                taken += got[0]
+            cpu += time.process_time() - cpu0
+            sent += n + drops - drops0
+        return {
+            "rate": taken / max(elapsed, 1e-9),
+            "sent": sent,
+            "taken": taken,
+            "lost": lost,
+            "cpu_us": cpu / max(taken, 1) * 1e6,
+            "rcvbuf": granted,
+            "timeouts": timeouts,
+        }
+    finally:
+        if client is not None:
+            client.stop()
+        if transport is not None:
+            transport.close()
+        server.close()
+
+
+async def aio_flood(kind: str, seconds: float) -> dict[str, float]:
+    """Live flood: the Rust load generator (one client, a window of 64 messages in flight)
+    floods the server, which relays each message to it and to the consumer under test; the
+    consumer's rate is over `seconds` from its first message, while the flood goes on; then it
+    reads on until the flood has ended, and what it got is set against what the server relayed.
+    The consumers are as a program starts them: ChatClientUdp's default queue (4,096), the
+    DatagramProtocol's socket with the system's default receive buffer."""
+    from udpchat import ChatClientUdp
+
+    server = AioServer()
+    client: ChatClientUdp | None = None
+    transport: asyncio.DatagramTransport | None = None
+    loadgen_proc: subprocess.Popen[str] | None = None
+    try:
+        if kind == "protocol":
+            transport, queue, granted = await open_protocol(server.address, None)
+        else:
+            client = ChatClientUdp(*server.address, interval=60)
+            client.start()
+            granted = 0
+        assert server.ask("clients 1") == "1", "the consumer did not register"
+        address = "{}:{}".format(*server.address)
+        loadgen_proc = subprocess.Popen(
+            [
+                *(str(EXAMPLES / "loadgen"), "throughput", address, "1", "1"),
+                *(str(AIO_PAYLOAD), str(seconds + 0.5)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        flood = loadgen_proc
+
+        async def end_when_flood_ends() -> None:
+            while flood.poll() is None:
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # the last relays land
+            if client is not None:
+                client.stop()  # what came before stays readable; then the iteration ends
+            else:
+                queue.put_nowait(None)
+
+        ender = asyncio.ensure_future(end_when_flood_ends())
+        out: dict[str, float] = {}
+
+        async def consume() -> None:
+            # (count, time, CPU time) at the window's end
+            mark: tuple[int, float, float] | None = None
+            if client is not None and kind == "aiter":
+                await client.__anext__()
+                first, cpu = time.perf_counter(), time.process_time()
+                end, count = first + seconds, 1
+                before = count
+                async for _ in client:
+                    count += 1
+                    if count & 255 == 0 and mark is None and time.perf_counter() >= end:
+                        mark = (count, time.perf_counter(), time.process_time())
+            elif client is not None:
+                count = before = len(await client.arecv_many(1024))
+                first, cpu = time.perf_counter(), time.process_time()
+                end = first + seconds
+                while batch := await client.arecv_many(1024):
+                    count += len(batch)
+                    if mark is None and time.perf_counter() >= end:
+                        mark = (count, time.perf_counter(), time.process_time())
+            else:
+                await queue.get()
+                first, cpu = time.perf_counter(), time.process_time()
+                end, count = first + seconds, 1
+                before = count
+                while await queue.get() is not None:
+                    count += 1
+                    if count & 255 == 0 and mark is None and time.perf_counter() >= end:
+                        mark = (count, time.perf_counter(), time.process_time())
+            if mark is None:  # the flood ended before the window did
+                mark = (count, time.perf_counter() - 0.3, time.process_time())
+            window = mark[0] - before  # what came after the first
+            out.update(
+                count=count,
+                rate=window / (mark[1] - first),
+                cpu_us=(mark[2] - cpu) / max(window, 1) * 1e6,
+            )
+
+        await asyncio.wait_for(consume(), seconds + 30)
+        await ender
+        relayed = json.loads(server.ask("stats"))["broadcasts"]
+        stdout, _ = loadgen_proc.communicate(timeout=10)
+        queue_drops = client.dropped if client is not None else 0
+        return {
+            "rate": out["rate"],
+            "received": out["count"],
+            "sent": relayed,
+            "sent_per_s": json.loads(stdout)["messages_per_s"],
+            "cpu_us": out["cpu_us"],
+            "queue_drops": queue_drops,
+            "kernel_drops": relayed - out["count"] - queue_drops,
+            "rcvbuf": granted,
+        }
+    finally:
+        if loadgen_proc is not None and loadgen_proc.poll() is None:
+            loadgen_proc.kill()
+            loadgen_proc.wait(10)
+        if client is not None:
+            client.stop()
+        if transport is not None:
+            transport.close()
+        server.close()
+
+
+def latencies(received: list[tuple[bytes, int]], sent: int) -> dict[str, float]:
+    """One-way latencies from payloads `{seq:08d} {monotonic_ns:020d} ...` and the
+    CLOCK_MONOTONIC time each was returned, in microseconds."""
+    us = sorted((t - int(payload[9:29])) / 1e3 for payload, t in received)
+    return {
+        "p50_us": us[len(us) // 2] if us else 0.0,
+        "p99_us": us[min(len(us) - 1, len(us) * 99 // 100)] if us else 0.0,
+        "max_us": us[-1] if us else 0.0,
+        "received": len(us),
+        "sent": sent,
+    }
+
+
+async def aio_latency(kind: str, count: int, gap: float) -> dict[str, float]:
+    """Wake latency: `count` broadcasts `gap` seconds apart, each stamped with the time the
+    server's process called broadcast(); the time `arecv` (or the DatagramProtocol's
+    `queue.get()`) returned it, on the same clock (CLOCK_MONOTONIC is the machine's)."""
+    from udpchat import ChatClientUdp
+
+    server = AioServer()
+    client: ChatClientUdp | None = None
+    transport: asyncio.DatagramTransport | None = None
+    received: list[tuple[bytes, int]] = []
+    try:
+        if kind == "protocol":
+            transport, queue, _ = await open_protocol(server.address, None)
+        else:
+            client = ChatClientUdp(*server.address, interval=60)
+            client.start()
+        assert server.ask("clients 1") == "1", "the consumer did not register"
+
+        async def consume() -> None:
+            if client is not None:
+                while (msg := await client.arecv()) is not None:
+                    t = time.monotonic_ns()
+                    received.append((msg.payload, t))
+            else:
+                while (data := await queue.get()) is not None:
+                    t = time.monotonic_ns()
+                    received.append((data.split(b"\n", 2)[1], t))
+
+        consumer = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.05)
+        await server.aask(f"paced {count} {gap}")
+        await asyncio.sleep(0.2)
+        consumer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        return latencies(received, count)
+    finally:
+        if client is not None:
+            client.stop()
+        if transport is not None:
+            transport.close()
+        server.close()
+
+
+def aio_latency_thread(count: int, gap: float) -> dict[str, float]:
+    """The same with a blocking `recv()` in a plain thread, no event loop: what the eventfd
+    path is set against."""
+    from udpchat import ChatClientUdp
+
+    server = AioServer()
+    received: list[tuple[bytes, int]] = []
+    done = threading.Event()
+    try:
+        with ChatClientUdp(*server.address, interval=60) as client:
+            assert server.ask("clients 1") == "1", "the consumer did not register"
+
+            def consume() -> None:
+                while not done.is_set():
+                    if (msg := client.recv(0.5)) is not None:
+                        t = time.monotonic_ns()
+                        received.append((msg.payload, t))
+
+            thread = threading.Thread(target=consume)
+            thread.start()
+            time.sleep(0.05)
+            server.ask(f"paced {count} {gap}")
+            time.sleep(0.2)
+            done.set()
+            thread.join(5)
+        return latencies(received, count)
+    finally:
+        server.close()
+
+
+def threads_now() -> int:
+    """This process's threads, as /proc/self/status counts them."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def aio_crowd(kind: str, n: int, rate: float, seconds: float) -> dict[str, float]:
+    """`n` clients in one process, each consumed by a task in `async for` (`kind` "async"), by
+    a thread blocked in `for msg in client` ("threads"), or by nobody until the end ("unread":
+    their own threads' share), while the server broadcasts `rate` times a second for `seconds`,
+    each broadcast to all of them, and a ticker in the event loop sleeps 10 ms at a time: how
+    late it wakes, when the last client had each broadcast, the process's CPU per delivery, its
+    threads with the clients started and idle, and during the run."""
+    import resource
+
+    from udpchat import ChatClientUdp
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = AioServer()
+    clients = [ChatClientUdp(*server.address, interval=60) for _ in range(n)]
+    counts = [0] * n
+    consumers: list[asyncio.Future[None]] = []
+    threads: list[threading.Thread] = []
+    try:
+        for i, client in enumerate(clients):
+            client.start()
+            if i % 50 == 49:
+                time.sleep(0.002)  # their `reg`s, 50 at a time
+        assert server.ask(f"clients {n}") == str(n), "not every client registered"
+        await asyncio.sleep(0.2)
+        idle = threads_now()
+
+        # (sequence number, when a consumer had it) for every delivery: when the last of the
+        # clients had each broadcast
+        arrivals: list[tuple[bytes, int]] = []
+
+        async def consume_async(i: int, client: ChatClientUdp) -> None:
+            async for msg in client:
+                arrivals.append((msg.payload[:29], time.monotonic_ns()))
+                counts[i] += 1
+
+        def consume_blocking(i: int, client: ChatClientUdp) -> None:
+            for msg in client:
+                arrivals.append((msg.payload[:29], time.monotonic_ns()))
+                counts[i] += 1
+
+        for i, client in enumerate(clients):
+            if kind == "async":
+                consumers.append(asyncio.ensure_future(consume_async(i, client)))
+            elif kind == "threads":
+                threads.append(threading.Thread(target=consume_blocking, args=(i, client)))
+                threads[-1].start()
+        await asyncio.sleep(0.2)  # every consumer waiting
+        running = threads_now()
+        lateness: list[float] = []
+        ticking = True
+
+        async def ticker() -> None:
+            nonlocal running
+            while ticking:
+                t = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lateness.append(time.perf_counter() - t - 0.01)
+                if len(lateness) % 50 == 0:
+                    running = max(running, threads_now())
+
+        tick = asyncio.ensure_future(ticker())
+        cpu = time.process_time()
+        broadcasts = int(await server.aask(f"paced {round(rate * seconds)} {1 / rate}"))
+        await asyncio.sleep(0.2)  # the last broadcast lands
+        running = max(running, threads_now())
+        ticking = False
+        await tick
+        cpu = time.process_time() - cpu
+        if kind == "unread":
+            counts = [len(client.recv_many(10 * broadcasts, 0)) for client in clients]
+        delivered = sum(counts)
+        lateness.sort()
+        last: dict[bytes, int] = {}
+        for stamp, t in arrivals:
+            last[stamp] = max(last.get(stamp, 0), t)
+        spans = sorted((t - int(stamp[9:29])) / 1e6 for stamp, t in last.items()) or [0.0]
+        return {
+            "last_p50_ms": spans[len(spans) // 2],
+            "last_max_ms": spans[-1],
+            "cpu_us": cpu / max(delivered, 1) * 1e6,
+            "late_p99_ms": lateness[min(len(lateness) - 1, len(lateness) * 99 // 100)] * 1e3,
+            "late_max_ms": lateness[-1] * 1e3,
+            "ticks": len(lateness),
+            "threads_idle": idle,
+            "threads_running": running,
+            "delivered": delivered,
+            "expected": broadcasts * n,
+        }
+    finally:
+        for client in clients:
+            client.stop()  # every iteration ends
+        if consumers:
+            await asyncio.wait(consumers, timeout=10)
+        for thread in threads:
+            thread.join(10)
+        server.close()
+
+
+def aio_measure(test: str, kind: str, loop: str, *params: float) -> dict[str, float]:
+    """One measurement of the asyncio step, in a process of its own (`run.py aio ...`)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "aio", test, kind, loop, *map(str, params)],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def aio_main(test: str, kind: str, loop: str, params: list[float]) -> None:
+    """(internal) Runs one measurement of the asyncio step in this process, prints its JSON."""
+    signal.alarm(int(LIFETIME))
+    # glibc raises its mmap threshold once a block above it is freed, as in any process that
+    # has freed a large one. Until then, asyncio's selector loop, which receives each datagram
+    # into a new 256 KiB bytes, maps and unmaps memory for every datagram (about 10 µs more).
+    warm = bytes(300_000)
+    del warm
+    result: dict[str, float]
+    if test == "waiting":
+        variant, burst, rounds = params
+        coroutine = aio_waiting(kind, variant == 1, int(burst), int(rounds))
+        result = run_on(loop, coroutine)
+    elif test == "flood":
+        result = run_on(loop, aio_flood(kind, params[0]))
+    elif test == "latency" and kind == "thread":
+        result = aio_latency_thread(int(params[0]), params[1])
+    elif test == "latency":
+        result = run_on(loop, aio_latency(kind, int(params[0]), params[1]))
+    elif test == "crowd":
+        count, rate, seconds = params
+        result = run_on(loop, aio_crowd(kind, int(count), rate, seconds))
+    else:
+        raise SystemExit(f"unknown asyncio test {test}")
+    print(json.dumps(result), flush=True)
+
+
+AIO_NAMES = {
+    "protocol": "DatagramProtocol + asyncio.Queue (baseline)",
+    "aiter": "async for msg in client",
+    "many": "await client.arecv_many(1024)",
+}
+
+
+def aio_step(quick: bool, runs: int) -> None:
+    """The asyncio methods against what a program writes without udpchat (a DatagramProtocol
+    that puts each datagram into an asyncio.Queue), on asyncio's own loop and on uvloop, every
+    measurement in a process of its own, the cases interleaved, the median of `runs` each."""
+    kinds = list(AIO_NAMES)
+    loops = [loop for loop in LOOPS if loop != "uvloop" or importlib.util.find_spec("uvloop")]
+    if loops != list(LOOPS):
+        print("\n(asyncio: uvloop is not installed; asyncio's own loop only)")
+    # Messages waiting: as many as the baseline's socket holds (a quarter to spare), 4,000 at most.
+    datagram = len(b"ack: 127.0.0.1 65535\n") + AIO_PAYLOAD + 1
+    fits, granted = room(AIO_RCVBUF, datagram)
+    burst, rounds = min(4000, fits * 3 // 4), 3 if quick else 10
+    cases = [f"{loop} {v} {k}" for loop in loops for v in ("blocked", "idle") for k in kinds]
+
+    def waiting(case: str) -> dict[str, float]:
+        loop, variant, kind = case.split()
+        return aio_measure("waiting", kind, loop, int(variant == "blocked"), burst, rounds)
+
+    results = interleaved(cases, runs, waiting)
+    rows = []
+    for loop in loops:
+        got = {c: medians(results[c]) for c in cases if c.startswith(loop)}
+        for kind in kinds:
+            blocked, idle = got[f"{loop} blocked {kind}"], got[f"{loop} idle {kind}"]
+            base_b, base_i = got[f"{loop} blocked protocol"], got[f"{loop} idle protocol"]
+            taken = sum(
+                r["taken"] for v in ("blocked", "idle") for r in results[f"{loop} {v} {kind}"]
+            )
+            sent = sum(
+                r["sent"] for v in ("blocked", "idle") for r in results[f"{loop} {v} {kind}"]
+            )
+            rows.append(
+                [
+                    loop,
+                    AIO_NAMES[kind],
+                    f"{blocked['rate']:,.0f}",
+                    ratio(blocked["rate"], base_b["rate"]),
+                    spread(
+                        results[f"{loop} blocked {kind}"],
+                        results[f"{loop} blocked protocol"],
+                        "rate",
+                    ),
+                    f"{idle['rate']:,.0f}",
+                    ratio(idle["rate"], base_i["rate"]),
+                    f"{blocked['cpu_us']:.2f} / {idle['cpu_us']:.2f}",
+                    f"{taken:.0f}/{sent:.0f}",
+                ]
+            )
+    table(
+        f"asyncio ingest, messages waiting: messages/s a coroutine drains ({burst:,} broadcasts a "
+        f"round, {rounds} rounds, 64 B; the baseline's socket asked for {AIO_RCVBUF:,} bytes, "
+        f"granted {granted:,}, room for {fits:,} of these datagrams)",
+        [
+            "loop",
+            "consumer",
+            "loop blocked while they came",
+            "vs baseline",
+            "per run",
+            "loop idle while they came",
+            "vs baseline",
+            "CPU µs/msg, whole process (blocked / idle)",
+            "taken",
+        ],
+        rows,
+    )
+
+    seconds = 1.0 if quick else 1.5
+    cases = [f"{loop} {kind}" for loop in loops for kind in kinds]
+
+    def flood(case: str) -> dict[str, float]:
+        loop, kind = case.split()
+        return aio_measure("flood", kind, loop, seconds)
+
+    results = interleaved(cases, runs, flood)
+    rows = []
+    for case in cases:
+        loop, kind = case.split()
+        r, base = medians(results[case]), medians(results[f"{loop} protocol"])
+        total = {k: sum(x[k] for x in results[case]) for k in ("received", "sent", "queue_drops")}
+        kernel = sum(x["kernel_drops"] for x in results[case])
+        rows.append(
+            [
+                loop,
+                AIO_NAMES[kind],
+                f"{r['rate']:,.0f}",
+                ratio(r["rate"], base["rate"]),
+                spread(results[case], results[f"{loop} protocol"], "rate"),
+                f"{total['received'] / total['sent']:.3f}",
+                f"{total['queue_drops']:,.0f} / {kernel:,.0f}",
+                f"{r['sent_per_s']:,.0f}",
+                f"{r['cpu_us']:.2f}",
+            ]
+        )
+    table(
+        f"asyncio ingest, live flood: messages/s a coroutine consumes while the Rust load "
+        f"generator floods the server ({seconds} s from the first message, 64 B)",
+        [
+            "loop",
+            "consumer",
+            "consumed/s",
+            "vs baseline",
+            "per run",
+            "received/sent",
+            "dropped: queue / kernel",
+            "server relayed/s",
+            "CPU µs/msg, whole process",
+        ],
+        rows,
+    )
+
+    count, gap = (500 if quick else 2000), 0.001
+    cases = ["asyncio arecv", "uvloop arecv", "- thread", "asyncio protocol", "uvloop protocol"]
+    cases = [c for c in cases if c.split()[0] in ("-", *loops)]
+
+    def wake(case: str) -> dict[str, float]:
+        loop, kind = case.split()
+        return aio_measure("latency", kind, loop, count, gap)
+
+    results = interleaved(cases, runs, wake)
+    names = {
+        "arecv": "await client.arecv()",
+        "thread": "client.recv() in a thread",
+        "protocol": "DatagramProtocol + asyncio.Queue",
+    }
+    blocking = medians(results["- thread"])
+    rows = []
+    for case in cases:
+        loop, kind = case.split()
+        r = medians(results[case])
+        received = sum(x["received"] for x in results[case])
+        sent = sum(x["sent"] for x in results[case])
+        rows.append(
+            [
+                loop if loop != "-" else "(none)",
+                names[kind],
+                f"{r['p50_us']:.0f}",
+                f"{r['p99_us']:.0f}",
+                f"{r['max_us']:.0f}",
+                f"{r['p50_us'] - blocking['p50_us']:+.0f}",
+                f"{received:.0f}/{sent:.0f}",
+            ]
+        )
+    table(
+        f"asyncio wake latency: broadcast() in the server's process to the consumer's return "
+        f"(µs, one way, CLOCK_MONOTONIC; {count:,} broadcasts {gap * 1e3:g} ms apart, 64 B)",
+        ["loop", "consumer", "p50", "p99", "max", "p50 vs recv()", "received"],
+        rows,
+    )
+
+    n, rate, period = 1000, 20.0, 1.0 if quick else 3.0
+    cases = ["asyncio async", "uvloop async", "asyncio threads", "asyncio unread"]
+    cases = [c for c in cases if c.split()[0] in loops]
+
+    def crowd(case: str) -> dict[str, float]:
+        loop, kind = case.split()
+        return aio_measure("crowd", kind, loop, n, rate, period)
+
+    results = interleaved(cases, runs, crowd)
+    consumers = {
+        "async": "a task each in `async for`",
+        "threads": "a thread each in recv()",
+        "unread": "none (read after the run)",
+    }
+    rows = []
+    for case in cases:
+        loop, kind = case.split()
+        r = medians(results[case])
+        delivered = sum(x["delivered"] for x in results[case])
+        expected = sum(x["expected"] for x in results[case])
+        idle_threads = sorted({int(x["threads_idle"]) for x in results[case]})
+        running_threads = sorted({int(x["threads_running"]) for x in results[case]})
+        rows.append(
+            [
+                loop,
+                consumers[kind],
+                f"{r['late_p99_ms']:.2f}",
+                f"{r['late_max_ms']:.2f}",
+                f"{r['last_p50_ms']:.1f}" if kind != "unread" else "-",
+                f"{r['last_max_ms']:.1f}" if kind != "unread" else "-",
+                f"{r['cpu_us']:.1f}",
+                " ".join(map(str, idle_threads)),
+                " ".join(map(str, running_threads)),
+                f"{delivered:,.0f}/{expected:,.0f}",
+            ]
+        )
+    table(
+        f"asyncio, {n:,} clients in one process: {rate:g} broadcasts/s for {period:g} s, each "
+        f"to all; a 10 ms asyncio.sleep ticker in the loop",
+        [
+            "loop",
+            "consumers",
+            "ticker late p99 (ms)",
+            "ticker late worst (ms)",
+            "last client served p50 (ms)",
+            "worst",
+            "CPU µs/delivery",
+            "threads, clients idle",
+            "threads, consuming",
+            "delivered",
+        ],
+        rows,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -654,6 +1537,12 @@ def main() -> None:
     sub.add_parser("burn", help="(internal) the CPU-bound loop of the busy-host benchmark")
     c = sub.add_parser("churn", help="(internal) joins and leaves against a server")
     c.add_argument("address")
+    sub.add_parser("aio-server", help="(internal) the asyncio step's server, driven on stdin")
+    a = sub.add_parser("aio", help="(internal) one measurement of the asyncio step")
+    a.add_argument("test")
+    a.add_argument("kind")
+    a.add_argument("loop")
+    a.add_argument("params", type=float, nargs="*")
     parser.add_argument("--quick", action="store_true", help="shorter runs, one of each")
     parser.add_argument("--runs", type=int, help="interleaved runs per figure (default 3)")
     parser.add_argument(
@@ -675,6 +1564,12 @@ def main() -> None:
     if args.command == "burn":
         busy_loop()
         return
+    if args.command == "aio-server":
+        aio_server()
+        return
+    if args.command == "aio":
+        aio_main(args.test, args.kind, args.loop, args.params)
+        return
     seconds = 1.0 if args.quick else 1.5
     runs = args.runs or (1 if args.quick else 3)
     build()
@@ -692,6 +1587,7 @@ def main() -> None:
         "ingest": lambda: ingest(100_000 if args.quick else 300_000, 5 if args.quick else 20, runs),
         "registry": registry_scale,
         "presence": lambda: presence(seconds, runs),
+        "asyncio": lambda: aio_step(args.quick, runs),
     }
     assert list(steps) == list(STEPS)
     for name in args.only or STEPS:
