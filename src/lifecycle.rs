@@ -8,10 +8,38 @@
 //! `Error::Forked`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Once};
 
 use crate::error::{Error, Result};
 use crate::worker::{lock, Workers};
+
+/// This process's id, 0 until read. Every use of an object compares it with its starter's, so
+/// it is cached (`getpid` is a system call) and forgotten in a child of `fork()`.
+static PID: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn forget_pid() {
+    PID.store(0, Ordering::Relaxed);
+}
+
+/// This process's id, as `std::process::id()`, without a system call once read.
+pub fn pid() -> u32 {
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            static AT_FORK: Once = Once::new();
+            // SAFETY: registers a handler that only stores to an atomic, as the child of a fork
+            // may. It runs in the child of every fork() the C library makes (Python's
+            // os.fork() included), before the child goes on.
+            AT_FORK.call_once(|| unsafe {
+                libc::pthread_atfork(None, None, Some(forget_pid));
+            });
+            let pid = std::process::id();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
 
 /// What a server and a client have in common: threads, an address, a way to stop.
 pub trait Core: Send + Sync + 'static {
@@ -57,7 +85,7 @@ impl<T: Core> Slot<T> {
     /// The last core started, running or not; `Forked` if it was started by a parent process.
     pub fn get(&self) -> Result<Option<Arc<T>>> {
         match &*lock(&self.0) {
-            Some(started) if started.pid != std::process::id() => Err(Error::Forked(T::NAME)),
+            Some(started) if started.pid != pid() => Err(Error::Forked(T::NAME)),
             started => Ok(started.as_ref().map(|s| Arc::clone(&s.core))),
         }
     }
@@ -84,7 +112,7 @@ impl<T: Core> Slot<T> {
         }
         let started = Started {
             core: Arc::new(start()?),
-            pid: std::process::id(),
+            pid: pid(),
         };
         let old = lock(&self.0).replace(started);
         if let Some(old) = old {
@@ -113,7 +141,7 @@ impl<T> Drop for Slot<T> {
             .get_mut()
             .map(Option::take)
             .unwrap_or_else(|e| e.into_inner().take());
-        if let Some(started) = started.filter(|s| s.pid != std::process::id()) {
+        if let Some(started) = started.filter(|s| s.pid != pid()) {
             std::mem::forget(started.core); // see `Started::retire`
         }
     }
@@ -125,7 +153,7 @@ impl<T: Core> Started<T> {
     /// `end` or `quit` would go out on. Forgotten, not dropped: a lock the parent's threads held
     /// at the fork stays locked in the child, and dropping could wait on one.
     fn retire(self) -> Option<Arc<T>> {
-        if self.pid != std::process::id() {
+        if self.pid != pid() {
             std::mem::forget(self.core);
             return None;
         }

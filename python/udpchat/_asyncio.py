@@ -126,10 +126,21 @@ class _Loops:
             if timer is not None:
                 timer.cancel()
             waiters.futures.pop(future, None)
-            with self.lock:
-                if not waiters.futures and self.by_fd.get(fd) is waiters:
-                    del self.by_fd[fd]
-                    waiters.close()
+            if not waiters.futures:
+                if loop.is_closed():
+                    self.release(waiters)
+                else:
+                    # At the loop's next turn, not now: a coroutine that goes on receiving
+                    # (`async for`) waits again before that, and finds the fd still watched
+                    # (add_reader and remove_reader cost a few microseconds a wait).
+                    loop.call_soon(self.release, waiters)
+
+    def release(self, waiters: _Waiters) -> None:
+        """Stops watching ``waiters``' eventfd if no coroutine waits on it (any more)."""
+        with self.lock:
+            if not waiters.futures and self.by_fd.get(waiters.fd) is waiters:
+                del self.by_fd[waiters.fd]
+                waiters.close()
 
 
 # Made on first use, not in ``__init__``: an ``__init__`` here would hide the constructor's

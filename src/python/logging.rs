@@ -33,7 +33,7 @@ static RESET: LazyLock<ArcSwapOption<pyo3_log::ResetHandle>> = LazyLock::new(Arc
 
 /// Reads the levels now, and starts this process's logging thread if it has none.
 pub fn prepare(py: Python<'_>) -> PyResult<()> {
-    let pid = std::process::id();
+    let pid = crate::lifecycle::pid();
     if THREAD_PID.swap(pid, Ordering::AcqRel) == pid {
         return refresh_levels(py);
     }
@@ -57,7 +57,7 @@ pub fn prepare(py: Python<'_>) -> PyResult<()> {
 /// by the interpreter with `pthread_exit`, which cannot unwind through Rust and aborts.
 #[pyfunction]
 pub fn shutdown_logging(py: Python<'_>) {
-    if THREAD_PID.load(Ordering::Acquire) != std::process::id() {
+    if THREAD_PID.load(Ordering::Acquire) != crate::lifecycle::pid() {
         return;
     }
     SHUTDOWN.store(true, Ordering::Release);
@@ -75,7 +75,7 @@ pub fn shutdown_logging(py: Python<'_>) {
 /// itself (a handler calling `stop()`), which would wait for itself, nor where this process has
 /// no logging thread (a forked child that started nothing, or after exit began).
 pub fn flush(py: Python<'_>) {
-    let ours = THREAD_PID.load(Ordering::Acquire) == std::process::id();
+    let ours = THREAD_PID.load(Ordering::Acquire) == crate::lifecycle::pid();
     if ours && std::thread::current().name() != Some(THREAD_NAME) {
         py.detach(|| logs::flush(FLUSH_WAIT));
     }
