@@ -218,8 +218,8 @@ impl Client {
         &self.messages
     }
 
-    /// Written when a message is queued for a consumer that armed it, and when the queue
-    /// closes.
+    /// Written when a message is queued for a consumer that armed it, and as each thread ends
+    /// (the receiver's end closes the queue).
     pub fn wakeup(&self) -> &Arc<Wakeup> {
         &self.wakeup
     }

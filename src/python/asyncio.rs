@@ -1,5 +1,6 @@
-//! What the asyncio methods (`python/udpchat/_asyncio.py`) are built on: a core's eventfd as a
-//! Python object, and a send that waits for room in the event loop instead of a thread.
+//! What the asyncio methods (`python/udpchat/_asyncio.py`) are built on: a take that never
+//! waits, one run's queue and its eventfd as a Python object to wait on, and a send that waits
+//! for room in the event loop instead of a thread.
 
 use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
