@@ -255,18 +255,24 @@ impl Client {
     /// datagram, framed, to go with [`Client::send_again`] once the socket is writable.
     pub fn try_send(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
         let datagram = self.frame(data)?;
-        Ok((!self.send_again(&datagram)?).then_some(datagram))
+        Ok((!self.send_again(&datagram, None)?).then_some(datagram))
     }
 
     /// Tries once more to send what [`Client::try_send`] gave back: false if there is still no
-    /// room.
-    pub fn send_again(&self, datagram: &[u8]) -> Result<bool> {
+    /// room. Past `deadline` with no room, the error a blocking [`Client::send`] gives when it
+    /// has waited as long (`WouldBlock`).
+    pub fn send_again(&self, datagram: &[u8], deadline: Option<Instant>) -> Result<bool> {
         self.workers.check()?;
         let mut retried = false;
         loop {
             match self.shared.socket.send(datagram) {
                 Ok(_) => return Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return match deadline {
+                        Some(deadline) if Instant::now() >= deadline => Err(send_error(e)),
+                        _ => Ok(false),
+                    };
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 // An earlier datagram's ICMP error, as in `Shared::send_framed`.
                 Err(e) if net::is_icmp_error(&e) && !retried => retried = true,
@@ -275,14 +281,16 @@ impl Client {
         }
     }
 
-    /// A non-blocking duplicate of the socket, for an event loop to wait until it is writable.
-    pub fn socket_fd(&self) -> Result<std::os::fd::OwnedFd> {
-        let socket = self
-            .shared
-            .socket
-            .try_clone()
-            .map_err(|e| Error::io("cannot duplicate the socket", e))?;
-        Ok(socket.into())
+    /// How long [`Client::send`] waits for room before it gives up.
+    pub const SEND_WAIT: Duration = net::SEND_WAIT;
+
+    /// For an event loop waiting until the socket is writable, or the client stopped: a
+    /// duplicate of the socket, and of the stop signal's pipe (readable once stopped).
+    pub fn wait_fds(&self) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+        let dup = |e| Error::io("cannot duplicate a descriptor", e);
+        let socket = self.shared.socket.try_clone().map_err(dup)?;
+        let stop = self.workers.stop().fd().try_clone_to_owned().map_err(dup)?;
+        Ok((socket.into(), stop))
     }
 
     /// `data` framed as it goes to the server; `TooLong` if no server could relay it.

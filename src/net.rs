@@ -16,7 +16,7 @@ use crate::worker::Stop;
 use pktinfo::Control;
 
 /// How long a send waits for room in the socket's buffer before it gives up on that datagram.
-const SEND_WAIT: Duration = Duration::from_millis(200);
+pub const SEND_WAIT: Duration = Duration::from_millis(200);
 /// Pause after an unexpected receive error, so a persistent one cannot spin a core.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 /// How often a send waiting for room looks again while poll reports only an error (see

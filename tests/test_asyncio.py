@@ -39,6 +39,7 @@ from conftest import (
     register,
     register_all,
     room,
+    run_in_namespace,
     thread_count,
     wait_until,
 )
@@ -1461,9 +1462,11 @@ def test_asend_sends_and_raises_as_send(run: Runner, started: Callable[..., Any]
 
 class FullSocket:
     """A stand-in for a client's pending send: fileno() is one end of a socket pair whose send
-    buffer is full; retry() says there is still no room the first time, then sends."""
+    buffer is full; retry() says there is still no room the first time, then sends;
+    stop_fileno() is never readable (the client never stops) and left() never runs out."""
 
     def __init__(self) -> None:
+        self.stop_r, self.stop_w = socket.socketpair()
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         self.theirs.setblocking(False)
@@ -1482,6 +1485,12 @@ class FullSocket:
     def fileno(self) -> int:
         return self.ours.fileno()
 
+    def stop_fileno(self) -> int:
+        return self.stop_r.fileno()
+
+    def left(self) -> float:
+        return 60.0
+
     def retry(self) -> bool:
         self.retries += 1
         self.retried_after_drain += self.drained
@@ -1495,8 +1504,8 @@ class FullSocket:
                     break
 
     def close(self) -> None:
-        self.ours.close()
-        self.theirs.close()
+        for sock in (self.ours, self.theirs, self.stop_r, self.stop_w):
+            sock.close()
 
 
 def spy_on_writers(loop: asyncio.AbstractEventLoop) -> list[tuple[str, int]]:
@@ -1950,3 +1959,91 @@ def test_async_over_ipv6(run: Runner) -> None:
 
     got = run(main())
     assert got is not None and got.text == "over ::1"
+
+
+# --- Review: asend on a really full buffer, floods, many waiters at once ----------------------
+
+
+def test_asend_on_a_full_buffer_gives_up_as_send_and_stop_ends_it(
+    run: Runner, figure: Figure, user_namespaces: None
+) -> None:
+    """On a socket whose buffer stays full (a namespace's loopback drained at 8 kbit/s), asend
+    waits in the loop for as long as send() would, then raises the same OSError (EAGAIN); and
+    asends that wait when stop() comes end at once with the RuntimeError send() raises."""
+    got = run_in_namespace("netns_asend.py", 30, run.kind)
+    figure(f"[{run.kind}] asend on a full buffer: {got}")
+    assert got["send"] == got["asend"] == f"OSError {errno.EAGAIN}", got
+    assert 0.15 < got["asend_took"] < 1.5, got
+    assert got["waiting"] == 20, got
+    assert got["ticker_late_max"] < 0.5, got
+    assert got["still_waiting"] == 0, got
+    assert got["ended_after_stop"] < 0.5, got
+    assert got["errors"] == ["RuntimeError: client is not running"], got
+
+
+def test_a_flood_does_not_keep_other_tasks_out_of_the_loop(
+    run: Runner, figure: Figure, started: Callable[..., Any]
+) -> None:
+    """Receives that find messages waiting return without yielding, but every so often one
+    yields to the loop first: an `async for` over a backlog of thousands lets a ticker and the
+    loop's other callbacks run meanwhile, and loses nothing."""
+    server = started(ChatServerUdp("127.0.0.1", 0))
+    client = started(ChatClientUdp(*address(server), max_queue=100_000))
+    assert wait_until(lambda: len(server.clients) == 1)
+    count = 20_000
+    for i in range(count):
+        server.broadcast(b"%d" % i)
+        if i % 200 == 199:
+            time.sleep(0.001)  # within what a stock kernel's receive buffer holds
+    assert wait_until(lambda: server.stats()["deliveries"] >= count, timeout=10)
+
+    async def main() -> tuple[list[int], int]:
+        ticks = 0
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+
+        loop = asyncio.get_running_loop()
+        for _ in range(100):
+            loop.call_soon(tick)  # each runs at the loop's next turn
+        got = []
+        async for msg in client:
+            got.append(int(msg.text))
+            if len(got) == count:
+                break
+        return got, ticks
+
+    got, ticks = run(main())
+    figure(f"[{run.kind}] {count:,} messages drained by async for; other callbacks run: {ticks}")
+    assert got == list(range(count)), "lost or reordered"
+    assert ticks == 100, "the loop never turned while async for drained the backlog"
+
+
+def test_many_waiters_cancelled_at_once_leave_quickly(run: Runner, figure: Figure) -> None:
+    """20,000 coroutines waiting on one client, all cancelled at once (or all timing out at
+    once), have all left promptly: cancelled, within 1.5 s (0.4 s here; 3.4 s when each leaving
+    coroutine rescanned the others)."""
+    client = ChatClientUdp("127.0.0.1", 9, interval=3600)  # discard port: nothing comes back
+
+    async def main() -> tuple[float, float]:
+        waits = [asyncio.ensure_future(client.arecv()) for _ in range(20_000)]
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        cancel_all(waits)
+        await asyncio.wait(waits, timeout=30)
+        cancelled = time.monotonic() - began
+        timed = [asyncio.ensure_future(client.arecv(timeout=0.2)) for _ in range(20_000)]
+        began = time.monotonic()
+        results = await asyncio.wait_for(asyncio.gather(*timed), 30)
+        assert results == [None] * len(timed)
+        return cancelled, time.monotonic() - began - 0.2
+
+    with client:
+        cancelled, timed_out = run(main())
+    figure(
+        f"[{run.kind}] 20,000 waits on one client: all cancelled in {cancelled * 1e3:.0f} ms, "
+        f"all timed out {timed_out * 1e3:.0f} ms after their timeout"
+    )
+    assert cancelled < 1.5
+    assert timed_out < 5  # 20,000 timers take their own time: printed, bounded loosely

@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# Items a receive may take, without waiting, before the next receive yields to the loop once.
+_YIELD_AFTER = 256
+
 
 class _Queue(Protocol[T]):
     """One run's queue (``_MessageQueue``, ``_EventQueue``): what a coroutine waits on."""
@@ -61,8 +64,12 @@ class _Waiters:
         self.wake_one()
 
     def wake_one(self) -> None:
-        """Wakes the coroutine that has waited longest and is not woken yet, if any."""
-        for future in self.futures:
+        """Wakes the coroutine that has waited longest, if any. Futures done already (woken by
+        their timer, cancelled) are dropped on the way, so each is passed over once."""
+        futures = self.futures
+        while futures:
+            future = next(iter(futures))
+            del futures[future]
             if not future.done():
                 future.set_result(None)
                 return
@@ -76,10 +83,12 @@ class _Loops:
     """The waits in progress on one object, by eventfd (a restart makes a new core with a new
     eventfd while waiters of the old one may not have woken yet), all in one event loop."""
 
-    __slots__ = ("by_fd", "lock", "pid")
+    __slots__ = ("by_fd", "lock", "pid", "unyielded")
 
     def __init__(self) -> None:
         self.by_fd: dict[int, _Waiters] = {}
+        # Items taken without a wait since the loop last ran other tasks (see `_receive`).
+        self.unyielded = 0
         # For loops in other threads: the check for another loop and the registration are one.
         self.lock = threading.Lock()
         self.pid = os.getpid()
@@ -91,18 +100,18 @@ class _Loops:
             # itself says it belongs to the parent, at its next use).
             self.by_fd.clear()
             self.pid = os.getpid()
-        for waiters in self.by_fd.values():
+        for waiters in tuple(self.by_fd.values()):
             if waiters.loop is not loop and not waiters.loop.is_closed():
                 raise RuntimeError(
-                    f"{what!r} is being awaited in another event loop; an object can be "
-                    "awaited in one event loop at a time"
+                    f"{what!r} is being awaited in another event loop (or was, until that "
+                    "loop's next turn); an object can be awaited in one event loop at a time"
                 )
 
     def pass_on(self) -> None:
         """For a coroutine leaving a receive: wakes the next waiter of its loop, to look at what
         is left."""
         loop = asyncio.get_running_loop()
-        for waiters in self.by_fd.values():
+        for waiters in tuple(self.by_fd.values()):
             if waiters.loop is loop:
                 waiters.wake_one()
 
@@ -148,6 +157,14 @@ class _Loops:
 _made = threading.Lock()
 
 
+def _new_lock_in_child() -> None:
+    global _made  # the parent's may have been held by one of its threads at the fork
+    _made = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
+
 def _loops(obj: ChatServerUdp | ChatClientUdp) -> _Loops:
     """``obj``'s waits in progress."""
     try:
@@ -178,11 +195,19 @@ async def _receive(
     seconds = None if timeout is None else _seconds(timeout)
     if loops.by_fd:
         loops.check(asyncio.get_running_loop(), what)
+    if loops.unyielded >= _YIELD_AFTER:
+        # A receive that finds items returns without yielding, so a flood would keep other
+        # tasks, signal handlers and Ctrl-C out of the loop: every so often, one turn of the
+        # loop first, before anything is taken (a cancellation here takes nothing).
+        loops.unyielded = 0
+        await asyncio.sleep(0)
     deadline = None
     try:
         got = take(max)
         while True:
             if got is None or isinstance(got, list):
+                if got:
+                    loops.unyielded += len(got)
                 return got
             loop = asyncio.get_running_loop()
             if seconds is not None:
@@ -191,6 +216,7 @@ async def _receive(
                 if loop.time() >= deadline:
                     return None
             await loops.wait(got, deadline, what)
+            loops.unyielded = 0
             got = got.take(max)
     finally:
         if loops.by_fd:
@@ -280,15 +306,21 @@ class ChatClientUdp(_udpchat.ChatClientUdp):
 
 
 async def _send_when_writable(pending: _PendingSend) -> None:
-    """Sends ``pending`` once its socket is writable, waiting in the loop (never in a thread)."""
+    """Sends ``pending`` once its socket is writable, waiting in the loop (never in a thread) for
+    as long as a blocking ``send()`` would wait; a ``stop()`` meanwhile ends the wait, and
+    ``retry()`` then raises as ``send()`` would."""
     loop = asyncio.get_running_loop()
-    fd = pending.fileno()
+    fd, stop = pending.fileno(), pending.stop_fileno()
     while True:
         future: asyncio.Future[None] = loop.create_future()
         loop.add_writer(fd, _wake, future)
+        loop.add_reader(stop, _wake, future)
+        timer = loop.call_later(pending.left(), _wake, future)
         try:
             await future
         finally:
+            timer.cancel()
             loop.remove_writer(fd)
+            loop.remove_reader(stop)
         if pending.retry():
             return

@@ -69,13 +69,20 @@ class _EventQueue:
 
 @final
 class _PendingSend:
-    """A message the socket had no room for, framed; ``fileno()`` is a duplicate of the
-    client's socket, to wait on until it is writable."""
+    """A message the socket had no room for, framed, to be sent once the socket is writable,
+    for as long as a blocking ``send()`` would wait. ``fileno()`` is a duplicate of the
+    client's socket, to wait on for writing; ``stop_fileno()`` a duplicate of its stop signal,
+    readable once the client has stopped."""
 
     def fileno(self) -> int: ...
+    def stop_fileno(self) -> int: ...
+    def left(self) -> float:
+        """Seconds left before a retry that finds no room gives up."""
+
     def retry(self) -> bool:
-        """Tries to send it again: False if there is still no room. RuntimeError if the client
-        has stopped meanwhile."""
+        """Tries to send it again: False if there is still no room. Raises as ``send`` does:
+        RuntimeError if the client has stopped meanwhile, OSError (EAGAIN) once ``left()`` is
+        0."""
 
 @final
 class Message:

@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 use pyo3::IntoPyObjectExt;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use super::client::{closed, Messages};
 use super::message::Message;
@@ -123,23 +124,53 @@ impl EventQueue {
 }
 
 /// A message the socket had no room for: framed, to be sent as it is once the socket is
-/// writable. `fileno()` is a duplicate of the client's socket, to wait on.
+/// writable, for as long as a blocking `send()` would wait. `fileno()` is a duplicate of the
+/// client's socket, to wait on for writing; `stop_fileno()` a duplicate of its stop signal,
+/// readable once the client has stopped.
 #[pyclass(frozen, module = "udpchat._udpchat", name = "_PendingSend")]
 pub struct PendingSend {
-    pub core: Arc<Client>,
-    pub datagram: Vec<u8>,
-    pub fd: OwnedFd,
+    core: Arc<Client>,
+    datagram: Vec<u8>,
+    socket: OwnedFd,
+    stop: OwnedFd,
+    deadline: Instant,
+}
+
+impl PendingSend {
+    pub fn new(core: Arc<Client>, datagram: Vec<u8>) -> PyResult<PendingSend> {
+        let (socket, stop) = core.wait_fds().map_err(to_py)?;
+        Ok(PendingSend {
+            core,
+            datagram,
+            socket,
+            stop,
+            deadline: Instant::now() + Client::SEND_WAIT,
+        })
+    }
 }
 
 #[pymethods]
 impl PendingSend {
     fn fileno(&self) -> i32 {
-        self.fd.as_raw_fd()
+        self.socket.as_raw_fd()
     }
 
-    /// Tries to send it again: False if there is still no room. RuntimeError if the client has
-    /// stopped meanwhile.
+    fn stop_fileno(&self) -> i32 {
+        self.stop.as_raw_fd()
+    }
+
+    /// Seconds left before a retry that finds no room gives up.
+    fn left(&self) -> f64 {
+        self.deadline
+            .saturating_duration_since(Instant::now())
+            .as_secs_f64()
+    }
+
+    /// Tries to send it again: False if there is still no room. Raises as ``send`` does:
+    /// RuntimeError if the client has stopped meanwhile, OSError (EAGAIN) once ``left()`` is 0.
     fn retry(&self) -> PyResult<bool> {
-        self.core.send_again(&self.datagram).map_err(to_py)
+        self.core
+            .send_again(&self.datagram, Some(self.deadline))
+            .map_err(to_py)
     }
 }

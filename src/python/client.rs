@@ -188,8 +188,7 @@ impl ChatClientUdp {
         let Some(datagram) = core.try_send(msg.as_bytes()).map_err(to_py)? else {
             return Ok(None);
         };
-        let fd = core.socket_fd().map_err(to_py)?;
-        Ok(Some(PendingSend { core, datagram, fd }))
+        PendingSend::new(core, datagram).map(Some)
     }
 
     fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {

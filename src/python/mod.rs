@@ -155,6 +155,8 @@ fn _seconds(timeout: args::Arg<'_>) -> PyResult<Option<f64>> {
 
 #[pymodule]
 fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Read once now, at import, so its fork handler is in place before any thread could fork.
+    crate::lifecycle::pid();
     logging::prepare(m.py())?;
     let shutdown = wrap_pyfunction!(logging::shutdown_logging, m)?;
     m.py()
