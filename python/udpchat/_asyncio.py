@@ -223,7 +223,31 @@ async def _receive(
             loops.pass_on()
 
 
-class ChatServerUdp(_udpchat.ChatServerUdp):
+class _AsyncWith:
+    """``async with`` for both classes: the blocking ``start()`` on the way in, ``stop()`` on
+    the way out, in the loop's thread (each returns within milliseconds)."""
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def start(self) -> None: ...
+        def stop(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ChatServerUdp(_AsyncWith, _udpchat.ChatServerUdp):
     """A UDP chat server (see ``udpchat._udpchat.ChatServerUdp`` for all but asyncio), with
     ``async with`` and the presence events as awaitables: ``anext_event``, ``aevents``."""
 
@@ -242,20 +266,8 @@ class ChatServerUdp(_udpchat.ChatServerUdp):
         for the first. An empty list where ``anext_event`` returns None."""
         return await _receive(_loops(self), self._take_events, max, timeout, self) or []
 
-    async def __aenter__(self) -> Self:
-        self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-class ChatClientUdp(_udpchat.ChatClientUdp):
+class ChatClientUdp(_AsyncWith, _udpchat.ChatClientUdp):
     """A UDP chat client (see ``udpchat._udpchat.ChatClientUdp`` for all but asyncio), with
     ``async with``, ``async for`` and ``asend``, ``arecv``, ``arecv_many``."""
 
@@ -291,18 +303,6 @@ class ChatClientUdp(_udpchat.ChatClientUdp):
         if not messages:
             raise StopAsyncIteration
         return messages[0]
-
-    async def __aenter__(self) -> Self:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 async def _send_when_writable(pending: _PendingSend) -> None:
