@@ -110,7 +110,10 @@ class _Loops:
     def pass_on(self) -> None:
         """For a coroutine leaving a receive: wakes the next waiter of its loop, to look at what
         is left."""
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # a coroutine closed outside its loop (its loop closed): nobody to wake
         for waiters in tuple(self.by_fd.values()):
             if waiters.loop is loop:
                 waiters.wake_one()
