@@ -39,7 +39,6 @@ from conftest import (
     register,
     register_all,
     room,
-    run_in_namespace,
     thread_count,
     wait_until,
 )
@@ -1505,7 +1504,7 @@ class FullSocket:
 
     def close(self) -> None:
         for sock in (self.ours, self.theirs, self.stop_r, self.stop_w):
-            sock.close()
+            sock.close()  # closing twice does nothing
 
 
 def spy_on_writers(loop: asyncio.AbstractEventLoop) -> list[tuple[str, int]]:
@@ -1964,21 +1963,64 @@ def test_async_over_ipv6(run: Runner) -> None:
 # --- Review: asend on a really full buffer, floods, many waiters at once ----------------------
 
 
-def test_asend_on_a_full_buffer_gives_up_as_send_and_stop_ends_it(
-    run: Runner, figure: Figure, user_namespaces: None
-) -> None:
-    """On a socket whose buffer stays full (a namespace's loopback drained at 8 kbit/s), asend
-    waits in the loop for as long as send() would, then raises the same OSError (EAGAIN); and
-    asends that wait when stop() comes end at once with the RuntimeError send() raises."""
-    got = run_in_namespace("netns_asend.py", 30, run.kind)
-    figure(f"[{run.kind}] asend on a full buffer: {got}")
-    assert got["send"] == got["asend"] == f"OSError {errno.EAGAIN}", got
-    assert 0.15 < got["asend_took"] < 1.5, got
-    assert got["waiting"] == 20, got
-    assert got["ticker_late_max"] < 0.5, got
-    assert got["still_waiting"] == 0, got
-    assert got["ended_after_stop"] < 0.5, got
-    assert got["errors"] == ["RuntimeError: client is not running"], got
+class StoppedWhileFull(FullSocket):
+    """A pending send whose socket never gets room: stop() (making stop_fileno() readable)
+    or the end of left() ends its wait; retry() then raises as the core's does."""
+
+    def __init__(self, left: float) -> None:
+        super().__init__()
+        self.deadline = time.monotonic() + left
+
+    def left(self) -> float:
+        return max(self.deadline - time.monotonic(), 0.0)
+
+    def stop(self) -> None:
+        self.stop_w.close()  # the stop pipe's write end closes: readable (hung up)
+
+    def retry(self) -> bool:
+        self.retries += 1
+        if self.stop_w.fileno() == -1:
+            raise RuntimeError("client is not running")
+        if self.left() == 0:
+            raise OSError(errno.EAGAIN, "cannot send to the server")
+        return False
+
+
+def test_a_waiting_asend_ends_at_stop_and_gives_up_as_send(run: Runner, figure: Figure) -> None:
+    """An asend waiting for room also watches the client's stop signal and the time a blocking
+    send() would wait: stop() ends it at once, and past that time it tries once more and
+    raises what send() raises, without waiting for a room that never comes."""
+    stopped = StoppedWhileFull(left=60)
+    timed = StoppedWhileFull(left=0.2)
+
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.ensure_future(_send_when_writable(stopped))  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        began = loop.time()
+        stopped.stop()
+        with pytest.raises(RuntimeError, match="not running"):
+            await asyncio.wait_for(waiting, 5)
+        after_stop = loop.time() - began
+        began = loop.time()
+        with pytest.raises(OSError) as raised:
+            await asyncio.wait_for(_send_when_writable(timed), 5)  # type: ignore[arg-type]
+        assert raised.value.errno == errno.EAGAIN
+        return after_stop, loop.time() - began
+
+    try:
+        after_stop, gave_up = run(main())
+    finally:
+        stopped.close()
+        timed.close()
+    figure(
+        f"[{run.kind}] waiting asend: ended {after_stop * 1e3:.1f} ms after stop, "
+        f"gave up after {gave_up * 1e3:.0f} ms (send() waits 200)"
+    )
+    assert after_stop < 0.5
+    assert 0.1 < gave_up < 2  # its 0.2 s began before the first wait
+    assert stopped.retries == 1 and timed.retries == 1, (stopped.retries, timed.retries)
 
 
 def test_a_flood_does_not_keep_other_tasks_out_of_the_loop(
