@@ -2094,3 +2094,43 @@ def test_many_waiters_cancelled_at_once_leave_quickly(run: Runner, figure: Figur
     )
     assert cancelled < 1.5
     assert timed_out < 5  # 20,000 timers take their own time: printed, bounded loosely
+
+
+def test_a_loop_stopped_before_its_next_turn_lets_go_of_the_object(
+    started: Callable[..., Any],
+) -> None:
+    """A loop driven by hand that stops with a receive just cancelled (its release due at a
+    next turn that never comes), kept open or closed, neither refuses the object to a later
+    loop nor keeps old runs' sockets open once they are stopped."""
+    server = started(ChatServerUdp("127.0.0.1", 0))
+    client = ChatClientUdp(*address(server), interval=3600)
+
+    async def abandon() -> None:
+        waiting = asyncio.ensure_future(client.arecv())
+        await asyncio.sleep(0.01)
+        waiting.cancel()  # not awaited: its `finally` runs in the loop's last turn
+
+    async def short() -> Message | None:
+        return await client.arecv(timeout=0.01)
+
+    kept = asyncio.new_event_loop()
+    try:
+        before = fd_count()
+        for _ in range(10):
+            client.start()
+            kept.run_until_complete(abandon())
+            closed = asyncio.new_event_loop()
+            closed.run_until_complete(abandon())
+            closed.close()
+            later = asyncio.new_event_loop()
+            try:
+                assert later.run_until_complete(short()) is None  # no RuntimeError
+            finally:
+                later.close()
+            client.stop()
+        # At most the eventfd of the last run, still held by a registration of a loop that
+        # closed before its next turn: let go of at the next wait.
+        assert fd_count() <= before + 1, (before, fd_count())
+    finally:
+        client.stop()
+        kept.close()

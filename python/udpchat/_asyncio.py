@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import _udpchat
-from ._udpchat import Event, Message, _PendingSend, _seconds
+from ._udpchat import Event, Message, _PendingSend, _seconds, _Wakeup
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -40,27 +40,27 @@ class _Queue(Protocol[T]):
     """One run's queue (``_MessageQueue``, ``_EventQueue``): what a coroutine waits on."""
 
     def fileno(self) -> int: ...
-    def drain(self) -> None: ...
+    def wakeup(self) -> _Wakeup: ...
     def take(self, max: int) -> list[T] | _Queue[T] | None: ...
 
 
 class _Waiters:
     """The coroutines of one event loop waiting on one run's queue, whose eventfd the loop
-    watches for as long as one of them waits. The queue is held so the fd stays open until
-    then."""
+    watches for as long as one of them waits. The eventfd (alone: not the run, whose socket
+    would stay open) is held so the fd stays open until then."""
 
-    __slots__ = ("fd", "futures", "loop", "queue")
+    __slots__ = ("fd", "futures", "loop", "wakeup")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: _Queue[Any]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, wakeup: _Wakeup) -> None:
         self.loop = loop
-        self.queue = queue
-        self.fd = queue.fileno()
+        self.wakeup = wakeup
+        self.fd = wakeup.fileno()
         # In the order they came: a dict keeps it.
         self.futures: dict[asyncio.Future[None], None] = {}
         loop.add_reader(self.fd, self._woken)
 
     def _woken(self) -> None:
-        self.queue.drain()
+        self.wakeup.drain()
         self.wake_one()
 
     def wake_one(self) -> None:
@@ -93,15 +93,29 @@ class _Loops:
         self.lock = threading.Lock()
         self.pid = os.getpid()
 
-    def check(self, loop: asyncio.AbstractEventLoop, what: object) -> None:
-        """RuntimeError if a coroutine of another event loop (not closed) waits on this object."""
+    def forget_if_forked(self) -> None:
+        """In a forked child, forgets the parent's waits (the object itself says it belongs to
+        the parent, at its next use), and the lock, which a thread of the parent may have held
+        at the fork."""
         if self.pid != os.getpid():
-            # A forked child's copy: the parent's waits are not this process's (and the object
-            # itself says it belongs to the parent, at its next use).
             self.by_fd.clear()
+            self.lock = threading.Lock()
             self.pid = os.getpid()
-        for waiters in tuple(self.by_fd.values()):
-            if waiters.loop is not loop and not waiters.loop.is_closed():
+
+    def check(self, loop: asyncio.AbstractEventLoop, what: object) -> None:
+        """RuntimeError if a coroutine of another event loop (not closed) waits on this object.
+        Call it holding ``lock``."""
+        for fd, waiters in tuple(self.by_fd.items()):
+            if waiters.loop is loop:
+                continue
+            stale = waiters.loop.is_closed() or not (waiters.futures or waiters.loop.is_running())
+            if stale:
+                # Left by a loop that closed, or stopped before its next turn with nobody
+                # waiting: no thread runs it, so it is let go of here (and its run's core with
+                # it).
+                del self.by_fd[fd]
+                waiters.close()
+            else:
                 raise RuntimeError(
                     f"{what!r} is being awaited in another event loop (or was, until that "
                     "loop's next turn); an object can be awaited in one event loop at a time"
@@ -128,7 +142,7 @@ class _Loops:
             if waiters is None or waiters.loop is not loop:
                 if waiters is not None:
                     waiters.close()  # a closed loop's, whose coroutines will never resume
-                waiters = self.by_fd[fd] = _Waiters(loop, queue)
+                waiters = self.by_fd[fd] = _Waiters(loop, queue.wakeup())
         future: asyncio.Future[None] = loop.create_future()
         waiters.futures[future] = None
         timer = None if deadline is None else loop.call_at(deadline, _wake, future)
@@ -197,7 +211,9 @@ async def _receive(
     queue and takes from it only: a restart meanwhile ends the wait as the stop did."""
     seconds = None if timeout is None else _seconds(timeout)
     if loops.by_fd:
-        loops.check(asyncio.get_running_loop(), what)
+        loops.forget_if_forked()
+        with loops.lock:
+            loops.check(asyncio.get_running_loop(), what)
     if loops.unyielded >= _YIELD_AFTER:
         # A receive that finds items returns without yielding, so a flood would keep other
         # tasks, signal handlers and Ctrl-C out of the loop: every so often, one turn of the
@@ -226,23 +242,26 @@ async def _receive(
             loops.pass_on()
 
 
+class _Startable(Protocol):
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
+_S = TypeVar("_S", bound=_Startable)
+
+
 class _AsyncWith:
     """``async with`` for both classes: the blocking ``start()`` on the way in, ``stop()`` on
     the way out, in the loop's thread (each returns within milliseconds)."""
 
     __slots__ = ()
 
-    if TYPE_CHECKING:
-
-        def start(self) -> None: ...
-        def stop(self) -> None: ...
-
-    async def __aenter__(self) -> Self:
+    async def __aenter__(self: _S) -> _S:
         self.start()
         return self
 
     async def __aexit__(
-        self,
+        self: _Startable,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,

@@ -17,6 +17,7 @@ __all__ = [
     "_EventQueue",
     "_MessageQueue",
     "_PendingSend",
+    "_Wakeup",
     "__version__",
     "_seconds",
     "reset_log_cache",
@@ -42,14 +43,23 @@ def _seconds(timeout: float | None) -> float | None:
     """``timeout`` checked as the blocking methods check it: seconds, or None for no end."""
 
 @final
-class _MessageQueue:
-    """One client run's message queue, for a coroutine to wait on: its eventfd, readable when
-    a message may be there or the run has ended, and ``take`` from that run only. Holding it
-    keeps the fd open."""
+class _Wakeup:
+    """A run's eventfd alone: what the event loop holds while it watches the fd, so the fd
+    cannot close (and its number be reused) under the loop, without keeping the run's socket
+    open."""
 
     def fileno(self) -> int: ...
     def drain(self) -> None:
         """Resets the eventfd, before looking at the queue again."""
+
+@final
+class _MessageQueue:
+    """One client run's message queue, for a coroutine to wait on: its eventfd, readable when
+    a message may be there or the run has ended, and ``take`` from that run only."""
+
+    def fileno(self) -> int: ...
+    def wakeup(self) -> _Wakeup:
+        """Its eventfd alone, for the event loop to hold while it watches it."""
 
     def take(self, max: int) -> list[Message] | _MessageQueue | None:
         """Up to ``max`` messages already waiting; else this queue, its eventfd armed; None
@@ -60,8 +70,8 @@ class _EventQueue:
     """One server run's events queue, for a coroutine to wait on, as ``_MessageQueue``."""
 
     def fileno(self) -> int: ...
-    def drain(self) -> None:
-        """Resets the eventfd, before looking at the queue again."""
+    def wakeup(self) -> _Wakeup:
+        """Its eventfd alone, for the event loop to hold while it watches it."""
 
     def take(self, max: int) -> list[Event] | _EventQueue | None:
         """Up to ``max`` events already queued; else this queue, its eventfd armed; None once

@@ -62,10 +62,26 @@ pub fn take_events<'py>(
     }
 }
 
+/// A run's eventfd alone: what the event loop holds while it watches the fd, so the fd cannot
+/// close (and its number be reused) under the loop, without keeping the run's socket open.
+#[pyclass(frozen, module = "udpchat._udpchat", name = "_Wakeup")]
+pub struct WakeupFd(Arc<Wakeup>);
+
+#[pymethods]
+impl WakeupFd {
+    fn fileno(&self) -> i32 {
+        self.0.as_fd().as_raw_fd()
+    }
+
+    /// Resets the eventfd, before looking at the queue again.
+    fn drain(&self) {
+        self.0.drain();
+    }
+}
+
 /// One client run's message queue, for a coroutine to wait on: its eventfd to watch, and `take`
 /// to go on taking from that run only, so a waiter sees its run end (None) even if the client
-/// is restarted meanwhile. Held by the event loop's side while it watches the fd, so the fd
-/// cannot close (and its number be reused) under the loop.
+/// is restarted meanwhile.
 #[pyclass(frozen, module = "udpchat._udpchat", name = "_MessageQueue")]
 pub struct MessageQueue {
     pub queue: Messages,
@@ -79,9 +95,9 @@ impl MessageQueue {
         self.wakeup.as_fd().as_raw_fd()
     }
 
-    /// Resets the eventfd, before looking at the queue again.
-    fn drain(&self) {
-        self.wakeup.drain();
+    /// Its eventfd alone, for the event loop to hold while it watches it.
+    fn wakeup(&self) -> WakeupFd {
+        WakeupFd(Arc::clone(&self.wakeup))
     }
 
     /// Up to ``max`` messages already waiting; else this queue, its eventfd armed; None once it
@@ -108,9 +124,9 @@ impl EventQueue {
         self.wakeup.as_fd().as_raw_fd()
     }
 
-    /// Resets the eventfd, before looking at the queue again.
-    fn drain(&self) {
-        self.wakeup.drain();
+    /// Its eventfd alone, for the event loop to hold while it watches it.
+    fn wakeup(&self) -> WakeupFd {
+        WakeupFd(Arc::clone(&self.wakeup))
     }
 
     /// Up to ``max`` events already queued; else this queue, its eventfd armed; None once it is

@@ -170,6 +170,7 @@ fn _udpchat(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<message::Message>()?;
     m.add_class::<presence::Event>()?;
     m.add_class::<presence::Peer>()?;
+    m.add_class::<asyncio::WakeupFd>()?;
     m.add_class::<asyncio::MessageQueue>()?;
     m.add_class::<asyncio::EventQueue>()?;
     m.add_class::<asyncio::PendingSend>()?;
