@@ -83,7 +83,7 @@ class _Loops:
     """The waits in progress on one object, by eventfd (a restart makes a new core with a new
     eventfd while waiters of the old one may not have woken yet), all in one event loop."""
 
-    __slots__ = ("by_fd", "lock", "pid", "unyielded")
+    __slots__ = ("by_fd", "forks", "lock", "unyielded")
 
     def __init__(self) -> None:
         self.by_fd: dict[int, _Waiters] = {}
@@ -91,20 +91,22 @@ class _Loops:
         self.unyielded = 0
         # For loops in other threads: the check for another loop and the registration are one.
         self.lock = threading.Lock()
-        self.pid = os.getpid()
+        self.forks = _forks
 
     def forget_if_forked(self) -> None:
         """In a forked child, forgets the parent's waits (the object itself says it belongs to
         the parent, at its next use), and the lock, which a thread of the parent may have held
         at the fork."""
-        if self.pid != os.getpid():
+        if self.forks != _forks:
             self.by_fd.clear()
             self.lock = threading.Lock()
-            self.pid = os.getpid()
+            self.forks = _forks
 
     def check(self, loop: asyncio.AbstractEventLoop, what: object) -> None:
         """RuntimeError if a coroutine of another event loop (not closed) waits on this object.
         Call it holding ``lock``."""
+        if all(waiters.loop is loop for waiters in self.by_fd.values()):
+            return
         for fd, waiters in tuple(self.by_fd.items()):
             if waiters.loop is loop:
                 continue
@@ -128,9 +130,10 @@ class _Loops:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # a coroutine closed outside its loop (its loop closed): nobody to wake
-        for waiters in tuple(self.by_fd.values()):
-            if waiters.loop is loop:
-                waiters.wake_one()
+        with self.lock:
+            for waiters in self.by_fd.values():
+                if waiters.loop is loop:
+                    waiters.wake_one()
 
     async def wait(self, queue: _Queue[Any], deadline: float | None, what: object) -> None:
         """Waits until ``queue``'s eventfd is written or the loop's clock reaches ``deadline``."""
@@ -174,9 +177,15 @@ class _Loops:
 _made = threading.Lock()
 
 
+# Forks made so far, counted in the child: a `_Loops` made before the last one is a copy of the
+# parent's (os.getpid() would make a system call on every receive to find that out).
+_forks = 0
+
+
 def _new_lock_in_child() -> None:
-    global _made  # the parent's may have been held by one of its threads at the fork
-    _made = threading.Lock()
+    global _made, _forks
+    _made = threading.Lock()  # the parent's may have been held by one of its threads
+    _forks += 1
 
 
 os.register_at_fork(after_in_child=_new_lock_in_child)
