@@ -2,9 +2,10 @@
 awaitable methods, on the classes udpchat exports.
 
 No thread waits for a coroutine. The core queues messages (and events) on its own threads and
-writes an eventfd when it queues one for a consumer that said it was about to wait, and when the
-queue closes. A coroutine takes what is waiting without waiting; when nothing is, it waits for
-that eventfd, which the event loop watches (``add_reader``) while at least one coroutine waits.
+writes an eventfd when it queues one for a consumer that said it was about to wait, when the
+queue closes, and when a core thread ends. A coroutine takes what is waiting without waiting;
+when nothing is, it waits for that eventfd, which the event loop watches (``add_reader``) while
+at least one coroutine waits.
 A message leaves the queue only in the coroutine that returns it, after its last ``await``, so a
 cancelled receive has taken nothing.
 
@@ -113,8 +114,7 @@ class _Loops:
             stale = waiters.loop.is_closed() or not (waiters.futures or waiters.loop.is_running())
             if stale:
                 # Left by a loop that closed, or stopped before its next turn with nobody
-                # waiting: no thread runs it, so it is let go of here (and its run's core with
-                # it).
+                # waiting: no thread runs it, so it is let go of here (and its eventfd with it).
                 del self.by_fd[fd]
                 waiters.close()
             else:
@@ -141,10 +141,9 @@ class _Loops:
         fd = queue.fileno()
         with self.lock:
             self.check(loop, what)
+            # After the check, what is registered for this fd is this loop's.
             waiters = self.by_fd.get(fd)
-            if waiters is None or waiters.loop is not loop:
-                if waiters is not None:
-                    waiters.close()  # a closed loop's, whose coroutines will never resume
+            if waiters is None:
                 waiters = self.by_fd[fd] = _Waiters(loop, queue.wakeup())
         future: asyncio.Future[None] = loop.create_future()
         waiters.futures[future] = None
@@ -307,7 +306,8 @@ class ChatClientUdp(_AsyncWith, _udpchat.ChatClientUdp):
 
     async def asend(self, msg: str | bytes | bytearray | memoryview = "quit") -> None:
         """``send`` for asyncio: never blocks the loop. When the socket's buffer is full, it
-        waits in the loop until the socket is writable."""
+        waits in the loop until the socket is writable, for as long as ``send`` would (then the
+        same OSError, EAGAIN); ``stop()`` meanwhile ends it with ``send``'s RuntimeError."""
         pending = self._try_send(msg)
         if pending is not None:
             await _send_when_writable(pending)
