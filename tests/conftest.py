@@ -16,6 +16,7 @@ import subprocess
 import sys
 import termios
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,26 @@ def room(granted: int, size: int) -> int:
         assert fitted > 0, (granted, size)
         _ROOM[key] = fitted
     return _ROOM[key]
+
+
+def in_forked_child(body: Callable[[], object]) -> None:
+    """Runs `body` in a child of os.fork(), which reports a failure's traceback through a pipe
+    and leaves with os._exit (none of the parent's cleanup runs there); fails the test, with
+    that traceback, if `body` raised."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        status = 0
+        try:
+            body()
+        except BaseException:
+            os.write(write, traceback.format_exc().encode())
+            status = 1
+        os._exit(status)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read) as report:
+        assert os.waitstatus_to_exitcode(status) == 0, report.read()
 
 
 def main_thread_asleep(pid: int) -> bool:

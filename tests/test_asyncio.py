@@ -25,7 +25,6 @@ import statistics
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,6 +35,7 @@ from conftest import (
     HAS_IPV6,
     default_rcvbuf,
     fd_count,
+    in_forked_child,
     register,
     register_all,
     room,
@@ -1104,20 +1104,7 @@ def fork_and_check(run: Runner, server: ChatServerUdp, client: ChatClientUdp) ->
     """Forks; the child runs child_calls on a fresh loop of `run`'s kind (in a thread of its
     own, since the fork may come from inside a running loop), reports through a pipe and leaves
     with os._exit; the parent asserts the child's report."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        status = 0
-        try:
-            in_thread(lambda: run(child_calls(server, client), limit=10), 15)
-        except BaseException:
-            os.write(write, traceback.format_exc().encode())
-            status = 1
-        os._exit(status)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read) as report:
-        assert os.waitstatus_to_exitcode(status) == 0, report.read()
+    in_forked_child(lambda: in_thread(lambda: run(child_calls(server, client), limit=10), 15))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork semantics tested on Linux")

@@ -5,14 +5,12 @@ other use raises RuntimeError; the child can start objects of its own, logging i
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import sys
-import traceback
 from collections.abc import Callable
 
 import pytest
-from conftest import assert_silent, register, wait_until
+from conftest import assert_silent, in_forked_child, register, wait_until
 from udpchat import ChatClientUdp, ChatServerUdp
 
 
@@ -60,20 +58,7 @@ def test_an_object_started_before_fork_belongs_to_the_parent(
     register(peer, server)
     client = make_client(server.address)
     assert wait_until(lambda: client.address in server.clients)
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report and leave without running the parent's cleanup
-        status = 0
-        try:
-            _in_child(server, client)
-        except BaseException:
-            os.write(write, traceback.format_exc().encode())
-            status = 1
-        os._exit(status)
-    os.close(write)
-    _, status = os.waitpid(pid, 0)
-    with os.fdopen(read) as report:
-        assert os.waitstatus_to_exitcode(status) == 0, report.read()
+    in_forked_child(lambda: _in_child(server, client))
     # The child sent neither `end` nor `quit`: the parent's objects are untouched.
     assert_silent(peer, 0.3)
     assert server.running and client.running and client.address in server.clients
