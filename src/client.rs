@@ -254,15 +254,20 @@ impl Client {
     /// Sends one chat message if the socket's buffer has room now; else gives back the
     /// datagram, framed, to go with [`Client::send_again`] once the socket is writable.
     pub fn try_send(&self, data: &[u8]) -> Result<Option<Vec<u8>>> {
-        let datagram = self.frame(data)?;
-        Ok((!self.send_again(&datagram, None)?).then_some(datagram))
+        let datagram = self.frame(data)?; // checks the client is running
+        Ok((!self.send_now(&datagram, None)?).then_some(datagram))
     }
 
     /// Tries once more to send what [`Client::try_send`] gave back: false if there is still no
     /// room. Past `deadline` with no room, the error a blocking [`Client::send`] gives when it
     /// has waited as long (`WouldBlock`).
-    pub fn send_again(&self, datagram: &[u8], deadline: Option<Instant>) -> Result<bool> {
+    pub fn send_again(&self, datagram: &[u8], deadline: Instant) -> Result<bool> {
         self.workers.check()?;
+        self.send_now(datagram, Some(deadline))
+    }
+
+    /// One non-blocking send: false if there is no room (before `deadline`, if any).
+    fn send_now(&self, datagram: &[u8], deadline: Option<Instant>) -> Result<bool> {
         let mut retried = false;
         loop {
             match self.shared.socket.send(datagram) {

@@ -186,7 +186,7 @@ impl PendingSend {
     /// RuntimeError if the client has stopped meanwhile, OSError (EAGAIN) once ``left()`` is 0.
     fn retry(&self) -> PyResult<bool> {
         self.core
-            .send_again(&self.datagram, Some(self.deadline))
+            .send_again(&self.datagram, self.deadline)
             .map_err(to_py)
     }
 }
