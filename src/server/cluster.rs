@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::fanout::Job;
 use super::stats::Stats;
@@ -304,7 +304,7 @@ impl Backoff {
 pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     let channel = cluster.config.channel.as_bytes();
     let mut backoff = Backoff::new();
-    let mut pipe = redis::pipe();
+    let mut pipeline = Vec::new();
     loop {
         let failed = match cluster.connect() {
             Ok(mut con) => {
@@ -312,7 +312,7 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
                 cluster.drop_queued(queue);
                 cluster.up(Side::Publishing);
                 backoff = Backoff::new();
-                let e = send_batches(cluster, stop, queue, &mut con, &mut pipe, channel);
+                let e = send_batches(cluster, stop, queue, &mut con, &mut pipeline, channel);
                 cluster.publishing.store(false, Release);
                 e
             }
@@ -337,14 +337,13 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     }
 }
 
-/// Publishes batches from `queue` until stopped (Ok is never returned: the error that ended the
-/// connection is).
+/// Publishes batches from `queue` until the connection fails or the server stops; returns why.
 fn send_batches(
     cluster: &Cluster,
     stop: &Stop,
     queue: &Receiver<Batch>,
     con: &mut redis::Connection,
-    pipe: &mut redis::Pipeline,
+    pipeline: &mut Vec<u8>,
     channel: &[u8],
 ) -> redis::RedisError {
     let mut losses = cluster.losses.load(Acquire);
@@ -372,21 +371,48 @@ fn send_batches(
                 }
             }
         }
-        pipe.clear();
-        let mut n = 0u64;
+        pipeline.clear();
+        let mut n = 0;
         let more = queue.try_iter().take(PIPELINE);
         for envelope in std::iter::once(first).chain(more).flatten() {
-            pipe.publish(channel, envelope).ignore();
+            write_publish(pipeline, channel, &envelope);
             n += 1;
         }
-        match pipe.exec(con) {
-            Ok(()) => cluster.counters.published.fetch_add(n, Relaxed),
+        match exec(con, pipeline, n) {
+            Ok(()) => cluster.counters.published.fetch_add(n as u64, Relaxed),
             Err(e) => {
-                cluster.counters.dropped.fetch_add(n, Relaxed);
+                cluster.counters.dropped.fetch_add(n as u64, Relaxed);
                 return e;
             }
         };
     }
+}
+
+/// Appends `PUBLISH channel message` to `out`, as the Redis protocol (RESP) writes a command.
+fn write_publish(out: &mut Vec<u8>, channel: &[u8], message: &[u8]) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "*3\r\n$7\r\nPUBLISH\r\n${}\r\n", channel.len());
+    out.extend_from_slice(channel);
+    let _ = write!(out, "\r\n${}\r\n", message.len());
+    out.extend_from_slice(message);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Sends `count` commands packed in `pipeline` and reads their replies, failing at the first
+/// error or once `IO_TIMEOUT` has passed (the crate's own pipelines wait a timeout for each
+/// reply, and go on after an error, so a Redis that stops answering would hold the publisher
+/// for a second per command).
+fn exec(con: &mut redis::Connection, pipeline: &[u8], count: usize) -> redis::RedisResult<()> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    con.send_packed_command(pipeline)?;
+    for _ in 0..count {
+        con.recv_response()?.extract_error()?;
+        if Instant::now() > deadline {
+            return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+        }
+    }
+    Ok(())
 }
 
 /// The subscriber thread: connects and subscribes, then hands each envelope from another
@@ -507,6 +533,19 @@ mod tests {
             ClusterConfig::new("redis://127.0.0.1", ""),
             Err(Error::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_publish_is_packed_as_the_redis_client_packs_it() {
+        let mut out = Vec::new();
+        write_publish(&mut out, b"udpchat", b"\x01 \r\n");
+        write_publish(&mut out, b"", b"");
+        let mut expected = redis::cmd("PUBLISH")
+            .arg(&b"udpchat"[..])
+            .arg(&b"\x01 \r\n"[..])
+            .get_packed_command();
+        expected.extend(redis::cmd("PUBLISH").arg("").arg("").get_packed_command());
+        assert_eq!(out, expected);
     }
 
     #[test]
