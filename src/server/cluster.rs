@@ -248,6 +248,9 @@ impl Cluster {
         let (shown, channel) = (&self.config.shown, &self.config.channel);
         let mut logged = lock(&self.logged);
         let connected = self.connected();
+        if failure.is_none() && !connected {
+            return; // one connection up, the other not yet: nothing has changed
+        }
         if *logged == Some(connected) {
             if let Some((side, e)) = failure {
                 debug!(target: LOG_TARGET, "{side} connection to {shown}: {e}");
@@ -256,8 +259,9 @@ impl Cluster {
         }
         let first = logged.replace(connected).is_none();
         drop(logged);
+        // A failure leaves the cluster disconnected: its side's flag is down.
         match failure {
-            _ if connected => info!(
+            None => info!(
                 target: LOG_TARGET,
                 "connected to {shown}, channel {channel:?}, as server {:016x}", self.id
             ),
@@ -271,7 +275,6 @@ impl Cluster {
                 "lost Redis at {shown} ({side} connection: {e}); serving this server's clients \
                  only, and reconnecting"
             ),
-            None => {}
         }
     }
 
@@ -456,10 +459,15 @@ fn receive(
     backoff: &mut Backoff,
     malformed: &mut Throttle,
 ) -> redis::RedisError {
-    let mut pubsub = con.as_pubsub();
-    if let Err(e) = pubsub.subscribe(&cluster.config.channel) {
+    // Subscribed by hand: the crate's `PubSub::subscribe` takes an error reply (NOAUTH, NOPERM)
+    // for a subscription.
+    let subscribe = redis::cmd("SUBSCRIBE")
+        .arg(&cluster.config.channel)
+        .query::<redis::Value>(con);
+    if let Err(e) = subscribe {
         return e;
     }
+    let mut pubsub = con.as_pubsub();
     if let Err(e) = pubsub.set_read_timeout(Some(POLL)) {
         return e;
     }
