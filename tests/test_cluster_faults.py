@@ -173,6 +173,7 @@ def test_a_redis_that_never_answers_costs_the_chat_nothing(
     server.start()
     started = time.monotonic() - t0
     try:
+        port = server.address[1]
         a, b = make_peer(), make_peer()
         register(b, server)
         a.sendto(b"hello", server.address)
@@ -189,6 +190,11 @@ def test_a_redis_that_never_answers_costs_the_chat_nothing(
     )
     assert started < 0.1 and stopped < 0.1, (started, stopped)
     assert not connected(server)
+    # The threads still waiting for Redis hold nothing of the server's: its port can be bound
+    # again at once, by this object or another.
+    again = ChatServerUdp(port=port, cluster=standin.url)
+    again.start()
+    again.stop()
 
 
 def test_a_redis_that_stops_answering_publications_never_holds_the_receiver(

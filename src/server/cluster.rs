@@ -309,7 +309,13 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     let mut backoff = Backoff::new();
     let mut pipeline = Vec::new();
     loop {
-        let failed = match cluster.connect() {
+        // A command answered, not only a connection made: a Redis that wants a password the
+        // URL does not give accepts the connection and refuses every command.
+        let ready = cluster.connect().and_then(|mut con| {
+            redis::cmd("PING").query::<()>(&mut con)?;
+            Ok(con)
+        });
+        let failed = match ready {
             Ok(mut con) => {
                 // Nothing queued before this connection is sent late.
                 cluster.drop_queued(queue);
