@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 import udpchat
-from conftest import HAS_IPV6, Collect, ack, register, wait_until
+from conftest import HAS_IPV6, Collect, ack, fd_count, register, thread_count, wait_until
 from redis_server import RedisServer
 from test_cli import ENV, Proc
 from udpchat import MAX_DATAGRAM, ChatClientUdp, ChatServerUdp
@@ -56,6 +56,8 @@ ARRIVE = 5.0
 SILENCE = 0.3
 # An 8-byte server id no udpchat server has (ids are random per run; this one is ours).
 FOREIGN_ID = b"\xf0reign\x00\x01"
+# What a validated server sends a client it has validated: a server's output, never relayed.
+WELCOME = b"welcome 0123456789abcdef0123456789abcdef"
 
 
 # --- the envelope, as /work/cluster-contract.md and the README give it -----------------------
@@ -462,6 +464,92 @@ def test_a_servers_own_publication_is_not_delivered_twice(
         ib.send(b"from b", b.address)
         b_id = parse_envelope(spy._reply()[2])[1]
     assert len(a_id) == len(b_id) == 8 and a_id != b_id
+
+
+def test_only_what_a_server_relays_is_published(
+    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+) -> None:
+    a, b = make_member(redis.url), make_member(redis.url)
+    wait_connected(a, b)
+    ia, ib = make_inbox(), make_inbox()
+    join(ia, a)
+    join(ib, b)
+    # Control words, blanks and a server's output (which a server never relays: the loop
+    # rules) are not chat messages: nothing goes on the channel for them.
+    for data in [b"reg", b"^hb^", b"  \n", b"end", b"ack: 10.0.0.1 5\nforged\n", WELCOME]:
+        ia.send(data, a.address)
+    # A message is relayed stripped of its leading and trailing whitespace, here and there.
+    ia.send(b" \t padded \r\n", a.address)
+    assert ia.wait(1) and ib.wait(1)
+    assert_quiet(ia, ib)
+    assert ia.got() == ib.got() == [ack(ia.address, b"padded")]
+    assert cluster_stats(a)["cluster_published"] == 1
+    assert cluster_stats(b)["cluster_received"] == 1
+    assert ia.address in a.clients  # `quit` is not published either: it leaves a, alone
+    ia.send(b"quit", a.address)
+    assert wait_until(lambda: ia.address not in a.clients)
+    assert_quiet(ia, ib)
+    assert cluster_stats(a)["cluster_published"] == 1
+
+
+def test_presence_stays_per_server(
+    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+) -> None:
+    a, b = make_member(redis.url), make_member(redis.url)
+    wait_connected(a, b)
+    ia, ib = make_inbox(), make_inbox()
+    join(ia, a)
+    join(ib, b)
+    ia.send(b"hello", a.address)
+    assert ib.wait(1)
+    assert set(a.clients) == set(a.peers()) == {ia.address}
+    assert set(b.clients) == set(b.peers()) == {ib.address}
+    assert b.peers()[ib.address].messages == 0
+    assert [(e.kind, e.addr) for e in b.events(timeout=0)] == [("join", ib.address)]
+    assert a.stats()["clients"] == b.stats()["clients"] == 1
+
+
+def test_stop_closes_the_redis_connections_and_a_restart_is_a_new_member(
+    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+) -> None:
+    # Warm up once: one-time allocations (logging caches, the module) are not counted.
+    warm = ChatServerUdp("127.0.0.1", 0, cluster=redis.url)
+    warm.start()
+    wait_connected(warm)
+    warm.stop()
+    assert wait_until(lambda: redis.numsub("udpchat") == 0)
+    threads, fds = thread_count(), fd_count()
+    a = ChatServerUdp("127.0.0.1", 0, 30, cluster=redis.url)
+    ids = set()
+    for _ in range(5):
+        a.start()
+        wait_connected(a)
+        assert redis.numsub("udpchat") == 1
+        with redis.connect() as spy:
+            spy.command("SUBSCRIBE", "udpchat")
+            a.broadcast("who am i")
+            ids.add(parse_envelope(spy._reply()[2])[1])
+        a.stop()
+        # Both its connections are closed: Redis has no subscriber left, nor any client but
+        # the one asking.
+        assert wait_until(lambda: redis.numsub("udpchat") == 0), redis.numsub("udpchat")
+        assert wait_until(lambda: redis.command("CLIENT", "LIST").count(b"\n") == 1)
+        assert not connected(a)
+    assert len(ids) == 5  # a new server id every run
+    assert wait_until(lambda: thread_count() == threads), (thread_count(), threads)
+    assert fd_count() == fds
+    # And a run after these is a member like any other.
+    a.start()
+    try:
+        b = make_member(redis.url)
+        wait_connected(a, b)
+        ib = make_inbox()
+        join(ib, b)
+        a.broadcast("back again")
+        assert ib.wait(1)
+        assert ib.got() == [ack(a.address, b"back again")]
+    finally:
+        a.stop()
 
 
 def test_broadcast_crosses_servers_with_the_origin_servers_ack_line(
