@@ -1064,6 +1064,16 @@ def test_good_cluster_urls_construct_without_connecting(url: str) -> None:
     assert not server.running
 
 
+def test_a_tls_url_works_or_says_the_build_cannot() -> None:
+    # `rediss://` only where the build has TLS: either it constructs, or it is a ValueError.
+    try:
+        server = ChatServerUdp("127.0.0.1", 0, cluster="rediss://127.0.0.1:6379")
+    except ValueError as e:
+        assert "cluster" in str(e), e
+    else:
+        assert not server.running
+
+
 def test_channels_are_separate_chats(
     redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
 ) -> None:
