@@ -272,3 +272,20 @@ def test_foreign_and_malformed_messages_on_the_channel_are_counted_and_ignored(
         r for r in handler.records if r.name == "udpchat.cluster" and r.levelno == logging.WARNING
     ]
     assert any("not a udpchat envelope" in r.getMessage() for r in warnings), warnings
+
+
+def test_a_redis_gone_quiet_is_found_out_without_a_message(
+    stand_in: Callable[..., StandIn], make_server: Callable[..., ChatServerUdp], figure
+) -> None:
+    # A Redis that froze, or a network that broke without a FIN or RST: the connections stay
+    # open and nothing comes. A server with nothing to publish finds out by its keepalive.
+    standin = stand_in()
+    server = make_server(cluster=standin.url)
+    assert wait_until(lambda: connected(server), timeout=5)
+    standin.mute = True
+    t0 = time.monotonic()
+    assert wait_until(lambda: not connected(server), timeout=10), server.stats()
+    figure(
+        f"cluster, a Redis gone quiet: cluster_connected False after {time.monotonic() - t0:.2f} s"
+    )
+    assert server.stats()["cluster_errors"] >= 1

@@ -47,6 +47,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the subscriber, waiting for a message, looks at the stop signal: the most a stop
 /// waits for it.
 const POLL: Duration = Duration::from_millis(20);
+/// How long the subscribed connection may be quiet before the subscriber pings Redis.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Where the cluster meets: a Redis server and a channel.
 #[derive(Clone)]
@@ -474,17 +476,43 @@ fn receive(
         return e;
     }
     let mut pubsub = con.as_pubsub();
+    let e = listen(cluster, stop, fanout, &mut pubsub, backoff, malformed);
+    // The connection is not used again: dropping `pubsub` unsubscribes, and need not wait for
+    // the answer of a Redis that may be gone.
+    let _ = pubsub.set_read_timeout(Some(Duration::from_millis(1)));
+    e
+}
+
+/// Fans out what comes on the subscribed connection until it fails or the server stops.
+fn listen(
+    cluster: &Cluster,
+    stop: &Stop,
+    fanout: &Sender<Job>,
+    pubsub: &mut redis::PubSub<'_>,
+    backoff: &mut Backoff,
+    malformed: &mut Throttle,
+) -> redis::RedisError {
     if let Err(e) = pubsub.set_read_timeout(Some(POLL)) {
         return e;
     }
     cluster.up(Side::Subscribed);
     *backoff = Backoff::new();
+    let mut heard = Instant::now();
     while !stop.fired() {
         let message = match pubsub.get_message() {
             Ok(message) => message,
-            Err(e) if e.is_timeout() => continue,
+            Err(e) if e.is_timeout() => {
+                if heard.elapsed() >= KEEPALIVE {
+                    if let Err(e) = ping(pubsub) {
+                        return e;
+                    }
+                    heard = Instant::now();
+                }
+                continue;
+            }
             Err(e) => return e,
         };
+        heard = Instant::now();
         let data = message.get_payload_bytes();
         let envelope = match envelope::read(data) {
             Ok(envelope) => envelope,
@@ -514,6 +542,16 @@ fn receive(
         cluster.counters.received.fetch_add(1, Relaxed);
     }
     redis::RedisError::from(std::io::Error::other("stopped"))
+}
+
+/// Asks a quiet Redis whether it is still there, waiting up to `IO_TIMEOUT` for the answer: a
+/// Redis that froze, or a network that broke without a word, would otherwise leave the
+/// subscriber waiting for messages that never come, and `cluster_connected` true.
+fn ping(pubsub: &mut redis::PubSub<'_>) -> redis::RedisResult<()> {
+    pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+    // Messages that come first are kept for `get_message`.
+    pubsub.ping::<redis::Value>()?;
+    pubsub.set_read_timeout(Some(POLL))
 }
 
 #[cfg(test)]
