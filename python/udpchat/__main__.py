@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cluster",
         metavar="URL",
-        help="share the chat with every server on this Redis (redis://host:port) channel",
+        help="share the chat with every server on this Redis (redis://host:port, or rediss:// "
+        "for TLS) channel",
     )
     serve.add_argument(
         "--cluster-channel",

@@ -273,14 +273,21 @@ class ChatServerUdp:
           can forge the report, sends to it are only paused until its next valid datagram.
           False ignores the reports, for networks whose firewalls send spurious ones.
         - ``cluster`` (None, or a Redis URL: ``redis://[[user]:password@]host[:port][/db]``,
-          ``unix:///path/to/redis.sock``): one chat with every other server on the same Redis
-          channel. Each message this server relays for its own clients, and each
-          ``broadcast()``, is also published once to the channel; what the other servers
-          publish is relayed to this server's clients with its sender's own ``ack:`` line.
-          Connecting is done by the server's threads: ``start()`` does not wait for Redis, and
-          serves this server's clients while Redis is away (``stats()['cluster_connected']``).
-          A URL that cannot be used (``rediss://`` included: this build has no TLS) is a
-          ValueError. None (the default): this server alone, no Redis needed.
+          the same with ``rediss://`` for TLS, ``unix:///path/to/redis.sock``): one chat with
+          every other server on the same Redis channel. Each message this server relays for its
+          own clients, and each ``broadcast()``, is also published once to the channel; what
+          the other servers publish is relayed to this server's clients with its sender's own
+          ``ack:`` line. Connecting is done by the server's threads: ``start()`` does not wait
+          for Redis, and serves this server's clients while Redis is away
+          (``stats()['cluster_connected']``). Over TLS, Redis's certificate is always checked:
+          it must chain to a root this machine trusts and name the URL's host. The roots are
+          read at each connection, the system's or, when set, only ``SSL_CERT_FILE`` and
+          ``SSL_CERT_DIR``: for a private CA, start the process with
+          ``SSL_CERT_FILE=/path/to/ca.pem``. A certificate that fails is a connection that
+          fails (counted in ``cluster_errors``, a warning, retries). No client certificates.
+          Tested with Debian's redis-server 7.0 with TLS and a CA made for the test. A URL that
+          cannot be used is a ValueError, ``rediss://...#insecure`` (no certificate checks)
+          too. None (the default): this server alone, no Redis needed.
         - ``cluster_channel`` (a non-empty str, default ``'udpchat'``): the Redis channel; only
           with ``cluster``. Pub/sub ignores the URL's database number.
         """

@@ -71,6 +71,18 @@ impl ClusterConfig {
                 "cluster {shown:?} is not a Redis URL this build can use: {e}"
             ))
         })?;
+        if let redis::ConnectionAddr::TcpTls { insecure, .. } = client.get_connection_info().addr()
+        {
+            // `rediss://...#insecure` asks for no certificate checks, which this build does not
+            // have (no `tls-rustls-insecure`): refused here rather than at every connection.
+            if *insecure {
+                return Err(Error::Invalid(format!(
+                    "cluster {shown:?}: TLS without certificate checks (#insecure) is not \
+                     supported; trust the server's CA with SSL_CERT_FILE instead"
+                )));
+            }
+            install_crypto_provider();
+        }
         Ok(ClusterConfig {
             client,
             shown,
@@ -83,6 +95,13 @@ impl fmt::Debug for ClusterConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} channel {:?}", self.shown, self.channel)
     }
+}
+
+/// Makes ring rustls's crypto for this process (this module's copy of rustls), so that the
+/// Redis client's TLS connections never depend on which of rustls's providers were compiled in.
+fn install_crypto_provider() {
+    // Err: a provider is already installed, ring by an earlier call.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// `url` with the password of its user information, if any, replaced by `***`.
@@ -581,6 +600,20 @@ mod tests {
             );
         }
         assert!(ClusterConfig::new("redis://127.0.0.1:6379/1", "c").is_ok());
+        // TLS, with the certificate checked: only `#insecure` (no checks) is refused, and any
+        // other fragment, as the client does.
+        for url in [
+            "rediss://127.0.0.1:6380",
+            "rediss://:pw@redis.example:6380/2",
+        ] {
+            assert!(ClusterConfig::new(url, "c").is_ok(), "{url}");
+        }
+        for url in ["rediss://127.0.0.1:6380#insecure", "rediss://host#other"] {
+            assert!(
+                matches!(ClusterConfig::new(url, "c"), Err(Error::Invalid(_))),
+                "{url}"
+            );
+        }
         assert!(matches!(
             ClusterConfig::new("redis://127.0.0.1", ""),
             Err(Error::Invalid(_))
@@ -598,6 +631,22 @@ mod tests {
             .get_packed_command();
         expected.extend(redis::cmd("PUBLISH").arg("").arg("").get_packed_command());
         assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn tls_configurations_can_be_built() {
+        // What the Redis client does at each TLS connection: a config from the process's
+        // provider (a panic if none could be chosen) with the system's roots.
+        ClusterConfig::new("rediss://127.0.0.1:6380", "c").unwrap();
+        let provider = rustls::crypto::CryptoProvider::get_default().expect("a provider");
+        assert!(!provider.cipher_suites.is_empty());
+        let roots = rustls::RootCertStore::empty();
+        let config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        assert!(config.enable_sni);
+        // TLS 1.2 as well as 1.3, for the Redis servers that offer only 1.2.
+        assert!(rustls::DEFAULT_VERSIONS.contains(&&rustls::version::TLS12));
     }
 
     #[test]
