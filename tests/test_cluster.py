@@ -1117,11 +1117,17 @@ def test_channels_are_separate_chats(
     assert ib.got() == [ack(ib.address, b"for room b")]
 
 
+@pytest.mark.parametrize(
+    "paths",
+    [("/0", "/1"), ("/0", "/99"), ("/0?protocol=resp3", "/1")],
+    ids=["0-and-1", "a-database-redis-does-not-have", "resp3-asked-for"],
+)
 def test_database_numbers_share_one_chat(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+    paths: tuple[str, str], redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
 ) -> None:
-    # Pub/sub ignores the database number: /0 and /1 on one channel are one chat.
-    a, b = make_member(redis.url + "/0"), make_member(redis.url + "/1")
+    # Pub/sub ignores the database number: /0 and /1 on one channel are one chat, and none is
+    # selected (Redis has 16 by default). Messages are read as RESP2's whatever the URL asks.
+    a, b = make_member(redis.url + paths[0]), make_member(redis.url + paths[1])
     wait_connected(a, b)
     ia, ib = make_inbox(), make_inbox()
     join(ia, a)

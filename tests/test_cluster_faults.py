@@ -71,12 +71,24 @@ class StandIn:
     `mute` answers nothing at all. Connections are served on daemon threads, each bounded by a
     socket timeout."""
 
-    def __init__(self, publish_answer: bool = True, mute: bool = False) -> None:
+    def __init__(
+        self,
+        publish_answer: bool = True,
+        mute: bool = False,
+        idle_close: float | None = None,
+        drop_subscribers: bool = False,
+    ) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.publish_answer = publish_answer
         self.mute = mute
+        # Closes a connection quiet for this many seconds, as Redis's `timeout` or a NAT does.
+        self.idle_close = idle_close
+        # Closes each connection once it has subscribed, as Redis does to a subscriber over its
+        # output buffer limit.
+        self.drop_subscribers = drop_subscribers
         self.subscribed: list[socket.socket] = []
+        self.published: list[bytes] = []
         self.connections: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -90,7 +102,7 @@ class StandIn:
                 conn, _ = self.listener.accept()
             except OSError:
                 return
-            conn.settimeout(30)
+            conn.settimeout(self.idle_close or 30)
             self.connections.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
@@ -104,13 +116,17 @@ class StandIn:
                 if name == b"SUBSCRIBE":
                     conn.sendall(b"*3\r\n" + bulk(b"subscribe") + bulk(command[1]) + b":1\r\n")
                     self.subscribed.append(conn)
+                    if self.drop_subscribers:
+                        conn.close()
+                        return
                 elif name == b"PUBLISH":
+                    self.published.append(command[2])
                     if self.publish_answer:
                         conn.sendall(b":0\r\n")
                 else:
                     conn.sendall(b"+OK\r\n")
-        except OSError:
-            pass
+        except OSError:  # a timeout included: closed for idleness
+            conn.close()
 
     def subscriber(self) -> socket.socket:
         """The one connection subscribed, once it is."""
@@ -289,3 +305,61 @@ def test_a_redis_gone_quiet_is_found_out_without_a_message(
         f"cluster, a Redis gone quiet: cluster_connected False after {time.monotonic() - t0:.2f} s"
     )
     assert server.stats()["cluster_errors"] >= 1
+
+
+def test_connections_kept_quiet_stay_up(
+    stand_in: Callable[..., StandIn], make_server: Callable[..., ChatServerUdp], make_peer
+) -> None:
+    # Redis's `timeout`, a NAT or a load balancer closes a connection quiet for a while: each
+    # connection pings when quiet, so the first message after a pause still crosses.
+    standin = stand_in(idle_close=1.5)
+    server = make_server(cluster=standin.url)
+    assert wait_until(lambda: connected(server), timeout=5)
+    peer = make_peer()
+    register(peer, server)
+    time.sleep(3.5)
+    peer.sendto(b"after a pause", server.address)
+    recv(peer)
+    assert wait_until(lambda: len(standin.published) == 1, timeout=2), server.stats()
+    assert envelope(peer.getsockname(), b"after a pause", 0)[9:] == standin.published[0][9:]
+    stats = server.stats()
+    assert stats["cluster_errors"] == 0 and stats["cluster_connected"], stats
+
+
+def test_the_publishing_queue_is_bounded_in_bytes(
+    stand_in: Callable[..., StandIn], make_server: Callable[..., ChatServerUdp], make_peer
+) -> None:
+    # Publications wait while Redis does not answer (a second at most); what they may take
+    # meanwhile is bounded in bytes (4 MiB queued, 1 MiB in the pipeline), not only in batches
+    # of up to 32 messages of up to 64 KB each.
+    standin = stand_in(publish_answer=False)
+    server = make_server(cluster=standin.url)
+    assert wait_until(lambda: connected(server), timeout=5)
+    a = make_peer()
+    register(a, server)
+    n, size = 150, 60_000
+    t0 = time.monotonic()
+    for i in range(n):
+        a.sendto(b"%06d" % i + b"x" * (size - 6), server.address)
+        recv(a)  # relayed locally at once, one at a time: the socket buffer never overflows
+    elapsed = time.monotonic() - t0
+    dropped = server.stats()["cluster_dropped"]
+    # Dropped at the queue, before the wait for Redis's answers gave up: at most about
+    # (4 + 1) MiB / 60 KB = 87 of them could wait.
+    assert elapsed < 0.9, elapsed  # else the timeout, not the bound, may have dropped them
+    assert dropped >= n - 90, (dropped, server.stats())
+
+
+def test_a_connection_lost_as_soon_as_made_is_retried_ever_more_slowly(
+    stand_in: Callable[..., StandIn], make_server: Callable[..., ChatServerUdp], figure
+) -> None:
+    # The wait between attempts goes 0.1, 0.2, 0.4, 0.8, 1.6 s, and starts again from 0.1 only
+    # after a connection that stayed up: one Redis drops at once is not made ten times a second.
+    standin = stand_in(drop_subscribers=True)
+    server = make_server(cluster=standin.url)
+    time.sleep(3.0)
+    attempts = len(standin.subscribed)
+    figure(f"cluster, a subscriber dropped as soon as it subscribes: {attempts} attempts in 3 s")
+    # 0 + 0.1 + 0.2 + 0.4 + 0.8 + 1.6 = 3.1 s: six attempts, and loaded machines make fewer.
+    assert 2 <= attempts <= 7, attempts
+    assert not connected(server)

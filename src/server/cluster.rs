@@ -15,7 +15,7 @@ use log::{debug, info, warn};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -33,21 +33,30 @@ const LOG_TARGET: &str = "udpchat::cluster";
 /// The channel servers share unless told otherwise.
 pub const DEFAULT_CHANNEL: &str = "udpchat";
 
-/// Batches of envelopes (one per received batch) waiting for the publisher. When Redis is
-/// slower than the chat, what does not fit is dropped and counted.
+/// Batches of envelopes (one per received batch) waiting for the publisher, at most, and
+/// their bytes at most. When Redis is slower than the chat, what does not fit is dropped and
+/// counted: the publisher is never more than a few milliseconds of a fast link behind.
 const PUBLISH_QUEUE: usize = 256;
-/// Envelopes sent in one pipeline at most.
+const PUBLISH_QUEUE_BYTES: usize = 4 << 20;
+/// A pipeline takes queued batches until it holds this many envelopes or bytes.
 const PIPELINE: usize = 256;
-/// The first wait before connecting again, doubled after each failure up to `MAX_BACKOFF`.
+const PIPELINE_BYTES: usize = 1 << 20;
+/// The first wait before connecting again, doubled after each failure up to `MAX_BACKOFF`,
+/// and back to the first only after a connection that stayed up for `STABLE`: one that fails
+/// as soon as it is made (a subscriber Redis keeps dropping, a user refused PUBLISH) is not
+/// made again ten times a second.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+const STABLE: Duration = Duration::from_secs(10);
 /// How long a connection attempt, or a command on a connection, may take before the connection
 /// counts as down.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the subscriber, waiting for a message, looks at the stop signal: the most a stop
 /// waits for it.
 const POLL: Duration = Duration::from_millis(20);
-/// How long the subscribed connection may be quiet before the subscriber pings Redis.
+/// How long a connection may be quiet before its thread pings Redis: a Redis that froze, a
+/// network that broke without a word, or an idle connection Redis or a NAT closed, is found out
+/// then rather than by the next message.
 const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Where the cluster meets: a Redis server and a channel.
@@ -66,11 +75,17 @@ impl ClusterConfig {
             return Err(Error::Invalid("cluster_channel must not be empty".into()));
         }
         let shown = without_password(url);
-        let client = redis::Client::open(url).map_err(|e| {
+        let invalid = |e: redis::RedisError| {
             Error::Invalid(format!(
                 "cluster {shown:?} is not a Redis URL this build can use: {e}"
             ))
-        })?;
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+        // Pub/sub ignores the database, so none is selected (`/99` works as `/0`), and the
+        // subscriber reads RESP2's messages, whatever `?protocol=` says.
+        let settings = info.redis_settings().clone().set_db(0);
+        let settings = settings.set_protocol(redis::ProtocolVersion::RESP2);
+        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(invalid)?;
         if let redis::ConnectionAddr::TcpTls { insecure, .. } = client.get_connection_info().addr()
         {
             // `rediss://...#insecure` asks for no certificate checks, which this build does not
@@ -104,19 +119,37 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// `url` with the password of its user information, if any, replaced by `***`.
+/// `url` with its passwords replaced by `***`: the user information's, and the query's `pass`
+/// or `password` (as `unix:` URLs give it).
 fn without_password(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let start = head.find("://").map_or(0, |i| i + 3);
+    let end = head[start..].find('/').map_or(head.len(), |i| start + i);
+    let mut shown = match head[start..end].rfind('@') {
         Some(at) => {
             // With no colon, what there is may be a password too.
-            let user = url[start..start + at].split_once(':').map(|(user, _)| user);
-            let shown = user.map_or("***".to_owned(), |user| format!("{user}:***"));
-            format!("{}{shown}{}", &url[..start], &url[start + at..])
+            let user = head[start..start + at]
+                .split_once(':')
+                .map(|(user, _)| user);
+            let hidden = user.map_or("***".to_owned(), |user| format!("{user}:***"));
+            format!("{}{hidden}{}", &head[..start], &head[start + at..])
         }
-        None => url.to_owned(),
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if ["pass", "password"].contains(&key) => format!("{key}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        shown = format!("{shown}?{}", params.join("&"));
     }
+    shown
 }
 
 /// Envelopes from one received batch, published together.
@@ -159,6 +192,8 @@ pub(super) struct Cluster {
     subscribed: AtomicBool,
     /// Set at the server's stop.
     stopped: AtomicBool,
+    /// The bytes of the envelopes queued for the publisher.
+    queued_bytes: AtomicUsize,
     /// How many times the subscribed connection failed: the publisher, which finds a dead
     /// connection only by writing to it, reconnects when this changes.
     losses: AtomicU64,
@@ -183,6 +218,7 @@ impl Cluster {
             subscribed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             losses: AtomicU64::new(0),
+            queued_bytes: AtomicUsize::new(0),
             logged: Mutex::new(None),
             counters: Counters::default(),
         };
@@ -204,11 +240,30 @@ impl Cluster {
             self.counters.dropped.fetch_add(n, Relaxed);
             return;
         }
+        let bytes = bytes(&batch);
+        if self.queued_bytes.fetch_add(bytes, Relaxed) + bytes > PUBLISH_QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(bytes, Relaxed);
+            self.counters.dropped.fetch_add(n, Relaxed);
+            return;
+        }
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.queue.try_send(batch)
         {
+            self.queued_bytes.fetch_sub(bytes, Relaxed);
             self.counters.dropped.fetch_add(n, Relaxed);
         }
+    }
+
+    /// `batch`, taken from the queue by the publisher.
+    fn taken(&self, batch: Batch) -> Batch {
+        self.queued_bytes.fetch_sub(bytes(&batch), Relaxed);
+        batch
+    }
+
+    /// Drops (and counts) `batch`, taken from the queue.
+    fn discard(&self, batch: Batch) {
+        let batch = self.taken(batch);
+        self.counters.dropped.fetch_add(batch.len() as u64, Relaxed);
     }
 
     /// At stop: `cluster_connected` is false from then on, whatever a thread still ending does.
@@ -301,22 +356,43 @@ impl Cluster {
 
     /// Drops (and counts) every batch queued for the publisher.
     fn drop_queued(&self, queue: &Receiver<Batch>) {
-        let n: usize = queue.try_iter().map(|batch| batch.len()).sum();
-        self.counters.dropped.fetch_add(n as u64, Relaxed);
+        queue.try_iter().for_each(|batch| self.discard(batch));
     }
 }
 
-/// The waits between connection attempts: 0.1 s, doubling after each failure, up to 2 s.
-struct Backoff(Duration);
+fn bytes(batch: &Batch) -> usize {
+    batch.iter().map(Vec::len).sum()
+}
+
+/// The waits between connection attempts: 0.1 s, doubling after each failure, up to 2 s; back
+/// to 0.1 s once a connection has stayed up for `STABLE`.
+struct Backoff {
+    wait: Duration,
+    up_since: Option<Instant>,
+}
 
 impl Backoff {
     fn new() -> Self {
-        Backoff(MIN_BACKOFF)
+        Backoff {
+            wait: MIN_BACKOFF,
+            up_since: None,
+        }
     }
 
-    fn next(&mut self) -> Duration {
-        let wait = self.0;
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+    /// A connection is up, from `now`.
+    fn up(&mut self, now: Instant) {
+        self.up_since = Some(now);
+    }
+
+    /// The wait before the next attempt, after a failure at `now`.
+    fn next(&mut self, now: Instant) -> Duration {
+        if let Some(since) = self.up_since.take() {
+            if now.saturating_duration_since(since) >= STABLE {
+                self.wait = MIN_BACKOFF;
+            }
+        }
+        let wait = self.wait;
+        self.wait = (wait * 2).min(MAX_BACKOFF);
         wait
     }
 }
@@ -341,7 +417,7 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
                 // Nothing queued before this connection is sent late.
                 cluster.drop_queued(queue);
                 cluster.up(Side::Publishing);
-                backoff = Backoff::new();
+                backoff.up(Instant::now());
                 let e = send_batches(cluster, stop, queue, &mut con, &mut pipeline, channel);
                 cluster.publishing.store(false, Release);
                 e
@@ -353,11 +429,11 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
         }
         cluster.down(Side::Publishing, &failed);
         cluster.drop_queued(queue);
-        let retry = after(backoff.next());
+        let retry = after(backoff.next(Instant::now()));
         loop {
             select! {
                 recv(queue) -> batch => match batch {
-                    Ok(batch) => { cluster.counters.dropped.fetch_add(batch.len() as u64, Relaxed); }
+                    Ok(batch) => cluster.discard(batch),
                     Err(_) => return,
                 },
                 recv(retry) -> _ => break,
@@ -379,8 +455,12 @@ fn send_batches(
     let mut losses = cluster.losses.load(Acquire);
     loop {
         let first = select! {
-            recv(queue) -> batch => batch,
+            recv(queue) -> batch => batch.map(|batch| cluster.taken(batch)),
             recv(stop.channel()) -> _ => Err(crossbeam_channel::RecvError),
+            default(KEEPALIVE) => match redis::cmd("PING").query::<()>(con) {
+                Ok(()) => continue,
+                Err(e) => return e,
+            },
         };
         let Ok(first) = first else {
             return redis::RedisError::from(std::io::Error::other("stopped"));
@@ -401,12 +481,23 @@ fn send_batches(
                 }
             }
         }
+        // The buffer keeps what one pipeline needs, not what the largest ever took.
         pipeline.clear();
+        pipeline.shrink_to(PIPELINE_BYTES);
         let mut n = 0;
-        let more = queue.try_iter().take(PIPELINE);
-        for envelope in std::iter::once(first).chain(more).flatten() {
-            write_publish(pipeline, channel, &envelope);
-            n += 1;
+        let mut batch = first;
+        loop {
+            for envelope in &batch {
+                write_publish(pipeline, channel, envelope);
+            }
+            n += batch.len();
+            if n >= PIPELINE || pipeline.len() >= PIPELINE_BYTES {
+                break;
+            }
+            match queue.try_recv() {
+                Ok(more) => batch = cluster.taken(more),
+                Err(_) => break,
+            }
         }
         match exec(con, pipeline, n) {
             Ok(()) => cluster.counters.published.fetch_add(n as u64, Relaxed),
@@ -471,7 +562,7 @@ pub(super) fn subscribe(cluster: &Cluster, stop: &Stop, fanout: &Sender<Job>) {
         }
         cluster.down(Side::Subscribed, &failed);
         select! {
-            recv(after(backoff.next())) -> _ => {},
+            recv(after(backoff.next(Instant::now()))) -> _ => {},
             recv(stop.channel()) -> _ => return,
         }
     }
@@ -515,7 +606,7 @@ fn listen(
         return e;
     }
     cluster.up(Side::Subscribed);
-    *backoff = Backoff::new();
+    backoff.up(Instant::now());
     let mut heard = Instant::now();
     while !stop.fired() {
         let message = match pubsub.get_message() {
@@ -585,6 +676,18 @@ mod tests {
             ("rediss://user@host", "rediss://***@host"),
             ("redis://host:6379", "redis://host:6379"),
             ("redis://a:b@c@host/0", "redis://a:***@host/0"),
+            (
+                "unix:///run/redis.sock?pass=secret",
+                "unix:///run/redis.sock?pass=***",
+            ),
+            (
+                "redis+unix:///s?db=1&password=p@ss&x=1",
+                "redis+unix:///s?db=1&password=***&x=1",
+            ),
+            (
+                "redis://:pw@host/0?password=pw",
+                "redis://:***@host/0?password=***",
+            ),
         ];
         for (url, shown) in cases {
             assert_eq!(without_password(url), shown, "{url}");
@@ -650,9 +753,18 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_two_seconds() {
+    fn backoff_doubles_to_two_seconds_until_a_connection_stays_up() {
+        let t0 = Instant::now();
+        let ms = |b: &mut Backoff, at: Duration| b.next(t0 + at).as_millis() as u64;
         let mut b = Backoff::new();
-        let waits: Vec<u64> = (0..7).map(|_| b.next().as_millis() as u64).collect();
+        let waits: Vec<u64> = (0..7).map(|_| ms(&mut b, Duration::ZERO)).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+        // Up, and lost at once: still 2 s.
+        b.up(t0);
+        assert_eq!(ms(&mut b, Duration::from_secs(1)), 2000);
+        // Up for STABLE: from 0.1 s again.
+        b.up(t0);
+        assert_eq!(ms(&mut b, STABLE), 100);
+        assert_eq!(ms(&mut b, STABLE), 200);
     }
 }
