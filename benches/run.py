@@ -41,11 +41,13 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -54,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
-    from udpchat import ChatClientUdp
+    from udpchat import ChatClientUdp, ChatServerUdp
 
 T = TypeVar("T")
 
@@ -63,7 +65,17 @@ EXAMPLES = ROOT / "target" / "release" / "examples"
 # How long a server or CPU burner started here lives at most, if nobody kills it first.
 LIFETIME = 600.0
 # The steps of a full run, in order; `--only` picks some.
-STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry", "presence", "asyncio")
+STEPS = (
+    "fanout",
+    "busy",
+    "cores",
+    "latency",
+    "ingest",
+    "registry",
+    "presence",
+    "asyncio",
+    "cluster",
+)
 # The Python whose udpchat the presence step compares against (`--before`).
 BEFORE: str | None = None
 
@@ -1524,6 +1536,608 @@ def aio_step(quick: bool, runs: int) -> None:
     )
 
 
+# --- cluster: servers joined through Redis pub/sub (issue 12) ---------------------------------
+
+# The channel of every cluster here (each measurement has a Redis of its own): the default.
+CHANNEL = "udpchat"
+# Bytes the core's envelope adds to a message from an IPv4 client (version, server id, family,
+# address, port): what Redis carries for a 64-byte message is 80 bytes.
+ENVELOPE = 16
+# The clients on server B in the cross-server rate: where the relay hop is the limit (1, 10)
+# and where B's fan-out is (100).
+CROSS_CLIENTS = (1, 10, 100)
+# Messages a second in the cross-server latency, from 10 of 100 clients on A, to 100 clients
+# on A and 100 on B: 100,000 deliveries a second in all, the latency step's load.
+CROSS_RATE = 500
+# redis-benchmark's connections and pipelining: one connection as a server publishes on, and
+# redis-benchmark's default 50; one command at a time, and batches as a server's publisher
+# sends under load. Subscribers: as many servers on the channel.
+REDIS_BENCH = [
+    (c, p, k) for c, p in ((1, 1), (1, 32), (1, 64), (50, 1), (50, 32)) for k in (0, 1, 4)
+] + [(50, 32, 16)]
+# Publications per redis-benchmark run, by pipelining: about a second's worth each.
+REDIS_BENCH_REQUESTS = {1: 20_000, 32: 300_000, 64: 300_000}
+
+
+def die_with_parent() -> None:
+    """(In a child, between fork and exec.) SIGKILL it when this script ends, however it ends:
+    redis-server has no lifetime of its own."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def redis_call(port: int, *args: str | bytes) -> object:
+    """One command to the Redis on 127.0.0.1:`port`, on a connection of its own; its answer
+    (RESP2 as str, int, bytes, list or None). An error answer raises RuntimeError."""
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    command = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(command)
+        reader = sock.makefile("rb")
+
+        def reply() -> object:
+            line = reader.readline()
+            kind, rest = line[:1], line[1:].rstrip(b"\r\n")
+            if kind == b"+":
+                return rest.decode()
+            if kind == b"-":
+                raise RuntimeError(rest.decode())
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                return None if int(rest) < 0 else reader.read(int(rest) + 2)[:-2]
+            if kind == b"*":
+                return None if int(rest) < 0 else [reply() for _ in range(int(rest))]
+            raise RuntimeError(f"unexpected answer from Redis: {line!r}")
+
+        return reply()
+
+
+class Redis:
+    """A redis-server of this step: its port, pid and URL."""
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port, self.pid = port, pid
+        self.url = f"redis://127.0.0.1:{port}"
+
+    def publications(self) -> int:
+        """PUBLISH commands it has run (INFO commandstats)."""
+        info = redis_call(self.port, "INFO", "commandstats")
+        assert isinstance(info, bytes)
+        for line in info.decode().splitlines():
+            if line.startswith("cmdstat_publish:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
+    def subscribers(self, channel: str = CHANNEL) -> int:
+        answer = redis_call(self.port, "PUBSUB", "NUMSUB", channel)
+        assert isinstance(answer, list)
+        return int(answer[1])
+
+    def wait_subscribers(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.subscribers() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.subscribers()} of {count} servers subscribed")
+            time.sleep(0.01)
+
+
+@contextmanager
+def redis_server() -> Iterator[Redis]:
+    """A fresh redis-server on a free loopback port, no persistence, in a temporary directory;
+    stopped by its pid at the end of the block, killed if this script ends first."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("no redis-server (Debian: apt-get install redis-server)")
+    with tempfile.TemporaryDirectory(prefix="udpchat-bench-redis-") as tmp:
+        for _ in range(5):  # another program may take the free port first
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            proc = subprocess.Popen(
+                [
+                    *(exe, "--port", str(port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no", "--dir", tmp),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
+            deadline, up = time.monotonic() + 5, False
+            while not up and proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError, RuntimeError):
+                    up = redis_call(port, "PING") == "PONG"
+                time.sleep(0 if up else 0.01)
+            if up:
+                break
+            proc.kill()
+            proc.wait(10)
+        else:
+            raise RuntimeError("redis-server did not start")
+        try:
+            yield Redis(port, proc.pid)
+        finally:
+            proc.terminate()  # SIGTERM: it shuts down, with nothing to save
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PythonRelay:
+    """The pure-Python baseline of the cross-server figures: what a user of udpchat 0.1 writes
+    to join servers through Redis with redis-py, on udpchat's public API only, in each server's
+    own process. 0.1's server has no hook for the messages it relays, so the process listens to
+    its own server as one more client (a bridge) and publishes each message it hears, once; and
+    a thread subscribed to the channel hands each other server's message to `broadcast()`.
+    Its own broadcasts come back to the bridge too: they have the server itself as sender and
+    are not published again; its own publications come back from Redis: they carry this
+    process's id and are not broadcast again. The origin is lost on the way: B's clients see B
+    as the sender (the core keeps it). One `publish()` a message, one round trip to Redis each,
+    as redis-py's documentation shows it."""
+
+    def __init__(self, server: ChatServerUdp, url: str, channel: str = CHANNEL) -> None:
+        import redis
+        from udpchat import ChatClientUdp
+
+        assert server.address is not None
+        self.server, self.channel = server, channel
+        self.me = server.address  # the sender its clients see on its own broadcasts
+        self.id = os.urandom(8)
+        self.redis = redis.Redis.from_url(url)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel)
+        self.bridge = ChatClientUdp(*self.me)
+        self.bridge.start()
+        self.published = self.received = 0
+        for target in (self.forward, self.deliver):
+            threading.Thread(target=target, daemon=True).start()
+
+    def forward(self) -> None:
+        """Every message this server relays, published once."""
+        for msg in self.bridge:
+            if msg.sender != self.me:
+                self.redis.publish(self.channel, self.id + msg.payload)
+                self.published += 1
+
+    def deliver(self) -> None:
+        """Every other server's message, to this server's clients."""
+        with contextlib.suppress(Exception):  # ends when stop() closes the connection
+            for message in self.pubsub.listen():
+                data = message["data"]
+                if data[:8] != self.id:
+                    self.server.broadcast(data[8:])
+                    self.received += 1
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "relay_published": self.published,
+            "relay_received": self.received,
+            "relay_bridge_dropped": self.bridge.dropped,
+        }
+
+    def stop(self) -> None:
+        self.bridge.stop()
+        with contextlib.suppress(Exception):
+            self.pubsub.close()
+
+
+def node_main(kind: str, url: str | None) -> None:
+    """(internal) One server of the cluster step in this process: `standalone` (ChatServerUdp),
+    `cluster` (with cluster=URL; its address printed only once cluster_connected is True) or
+    `relay` (standalone, with a PythonRelay beside it). Prints its address, then answers
+    `stats` on stdin with a line of JSON; ends at the end of its input or after LIFETIME."""
+    from udpchat import ChatServerUdp
+
+    signal.alarm(int(LIFETIME))
+    if kind == "cluster":
+        server = ChatServerUdp("127.0.0.1", 0, cluster=url)  # type: ignore[call-arg,unused-ignore]
+    else:
+        server = ChatServerUdp("127.0.0.1", 0)
+    server.start()
+    assert server.address is not None
+    relay = PythonRelay(server, str(url)) if kind == "relay" else None
+    deadline = time.monotonic() + 10
+    while kind == "cluster" and not server.stats().get("cluster_connected"):
+        if time.monotonic() > deadline:
+            raise SystemExit("node: not connected to Redis within 10 s")
+        time.sleep(0.005)
+    print("{}:{}".format(*server.address), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "stats":
+            raise SystemExit(f"node: unknown command {line!r}")
+        stats = dict(server.stats())
+        if relay is not None:
+            stats.update(relay.stats())
+        print(json.dumps(stats), flush=True)
+    if relay is not None:
+        relay.stop()
+    server.stop()
+
+
+class Node:
+    """`node KIND [URL]` in a child process: its address, pid and `stats()`."""
+
+    def __init__(self, kind: str, url: str | None = None) -> None:
+        cmd = [sys.executable, __file__, "node", kind, *([url] if url else [])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.address = self.stdout.readline().strip()
+        if not self.address:
+            self.close()
+            raise RuntimeError(f"{kind} node did not start")
+
+    def stats(self) -> dict[str, float]:
+        self.stdin.write("stats\n")
+        self.stdin.flush()
+        result: dict[str, float] = json.loads(self.stdout.readline())
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextmanager
+def cluster_of(kind: str, count: int) -> Iterator[tuple[list[Node], Redis | None]]:
+    """`count` servers of `kind` (standalone ones share no Redis; the others a fresh one, every
+    server subscribed before the block starts), and their Redis."""
+    with contextlib.ExitStack() as stack:
+        redis = None if kind == "standalone" else stack.enter_context(redis_server())
+        nodes: list[Node] = []
+        stack.callback(lambda: [node.close() for node in nodes])
+        for _ in range(count):
+            nodes.append(Node(kind, redis.url if redis else None))
+        if redis is not None:
+            redis.wait_subscribers(count)
+        yield nodes, redis
+
+
+def has_cluster() -> bool:
+    """Whether the installed udpchat has the cluster option."""
+    from udpchat import ChatServerUdp
+
+    try:
+        ChatServerUdp("127.0.0.1", 0, cluster="redis://127.0.0.1:1")  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return False
+    return True
+
+
+def cluster_fanout(seconds: float, runs: int) -> float:
+    """The cost of being in a cluster: the fan-out step's load (100 clients, 4 senders, 64 B)
+    on a standalone server, on the same server with cluster= on a live Redis (alone on the
+    channel: Redis sends each publication back to it alone, and it drops its own), and with a
+    second server on the channel (no clients), whose work shares the 2 cores."""
+    kinds = ["standalone", "cluster", "cluster+peer"]
+
+    def measure(kind: str) -> dict[str, float]:
+        with cluster_of(kind.split("+")[0], 2 if "peer" in kind else 1) as (nodes, redis):
+            published0 = redis.publications() if redis else 0
+            relayed0 = nodes[0].stats()["broadcasts"]
+            result = loadgen("throughput", nodes[0].address, 100, 4, 64, seconds)
+            stats = nodes[0].stats()
+            result["relayed"] = stats["broadcasts"] - relayed0
+            result["published"] = redis.publications() - published0 if redis else 0
+            result["dropped"] = stats.get("cluster_dropped", 0)
+            return result
+
+    key = "deliveries_per_s"
+    results = interleaved(kinds, runs, measure)
+    got = {kind: median_by(results[kind], key) for kind in kinds}
+    fanout = got["standalone"][key]
+    total = {k: sum(r[k] for r in results["cluster"]) for k in ("relayed", "published", "dropped")}
+    table(
+        "Cluster: fan-out with cluster= on, deliveries/s, 100 clients, 4 senders, 64 B",
+        [
+            "load",
+            *kinds,
+            "cluster/standalone",
+            "per round",
+            "+peer/standalone",
+            "per round",
+            "cluster: published/relayed (dropped)",
+        ],
+        [
+            [
+                "100 clients, 64 B",
+                *(f"{got[k][key]:,.0f}" for k in kinds),
+                ratio(got["cluster"][key], got["standalone"][key]),
+                spread(results["cluster"], results["standalone"], key),
+                ratio(got["cluster+peer"][key], got["standalone"][key]),
+                spread(results["cluster+peer"], results["standalone"], key),
+                f"{total['published']:,.0f}/{total['relayed']:,.0f} ({total['dropped']:,.0f})",
+            ]
+        ],
+    )
+    return fanout
+
+
+def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
+    """The cross-server rate: 4 clients of server A send, every delivery to the clients of
+    server B is counted (the load generator's `cross`), for 1, 10 and 100 clients on B. "same
+    server": the same load generator with A and B one standalone server (the fan-out is to the
+    4 senders and B's clients alike), what one server does without the hop. CPU: each process's
+    user + system time over the run, per message that reached B."""
+
+    rows, cpu_rows = [], []
+    for nb in CROSS_CLIENTS:
+
+        def measure(kind: str, nb: int = nb) -> dict[str, float]:
+            count = 1 if kind == "same server" else 2
+            with cluster_of("standalone" if count == 1 else kind, count) as (nodes, redis):
+                a, b = nodes[0], nodes[-1]
+                pids = {"A": a.proc.pid, "B": b.proc.pid} if count == 2 else {"A": a.proc.pid}
+                if redis is not None:
+                    pids["Redis"] = redis.pid
+                cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                published0 = redis.publications() if redis else 0
+                result = loadgen("cross", a.address, b.address, nb, 4, 64, seconds)
+                time.sleep(0.2)  # what was in flight when the load generator ended
+                cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+                result["published"] = redis.publications() - published0 if redis else 0
+                arrived = max(result["delivered_total"] / nb, 1)
+                for name, used in cpu.items():
+                    result[f"cpu_{name}"] = used / arrived * 1e6
+                sa, sb = a.stats(), b.stats()
+                result["dropped"] = sa.get("cluster_dropped", 0) + sa.get("relay_bridge_dropped", 0)
+                result["received"] = sb.get("cluster_received", sb.get("relay_received", 0))
+                return result
+
+        cases = ["same server", *kinds]
+        key = "messages_per_s"
+        results = interleaved(cases, runs, measure)
+        got = {kind: median_by(results[kind], key) for kind in cases}
+        row = [f"{nb} on B", *(f"{got[k][key]:,.0f}" for k in cases)]
+        if "relay" in kinds and "cluster" in kinds:
+            row += [
+                ratio(got["cluster"][key], got["relay"][key]),
+                spread(results["cluster"], results["relay"], key),
+            ]
+        if "cluster" in kinds:
+            row.append(ratio(got["cluster"][key], got["same server"][key]))
+        for kind in kinds:
+            sent = sum(r["sent_total"] for r in results[kind])
+            published = sum(r["published"] for r in results[kind])
+            dropped = sum(r["dropped"] for r in results[kind])
+            ratio_ = statistics.median(r["delivery_ratio"] for r in results[kind])
+            row.append(f"{ratio_:.3f}; {published / max(sent, 1):.3f} ({dropped:,.0f})")
+        rows.append(row)
+        for kind in cases:
+            r = medians(results[kind])
+            cpu_rows.append(
+                [
+                    f"{nb} on B",
+                    kind,
+                    *(f"{r[f'cpu_{n}']:.1f}" if f"cpu_{n}" in r else "-" for n in ["A", "B"]),
+                    f"{r['cpu_Redis']:.1f}" if "cpu_Redis" in r else "-",
+                ]
+            )
+    header = ["clients on B", "same server", *kinds]
+    if "relay" in kinds and "cluster" in kinds:
+        header += ["cluster/relay", "per round"]
+    if "cluster" in kinds:
+        header.append("cluster/same server")
+    header += [f"{k}: delivered; published/sent (dropped)" for k in kinds]
+    table(
+        "Cluster: cross-server rate, messages/s from 4 clients of A delivered to every client "
+        "of B (64 B)",
+        header,
+        rows,
+    )
+    table(
+        "Cluster: CPU per message that crossed (µs, user + system, whole process)",
+        ["clients on B", "server", "A", "B", "Redis"],
+        cpu_rows,
+    )
+
+
+def redis_bench_one(clients: int, pipeline: int, subscribers: int) -> dict[str, float]:
+    """redis-benchmark publishing 80-byte messages (a 64-byte message's envelope) to the
+    channel, with `subscribers` connections subscribed to it that read everything (loadgen
+    `redis-sub`): publications/s, and the share of the deliveries owed that were read."""
+    requests = REDIS_BENCH_REQUESTS[pipeline] * (2 if clients > 1 else 1)
+    requests //= 1 + subscribers // 4
+    data = "x" * (64 + ENVELOPE)
+    with redis_server() as redis, contextlib.ExitStack() as stack:
+        sub: subprocess.Popen[str] | None = None
+        if subscribers:
+            sub = subprocess.Popen(
+                [
+                    *(str(EXAMPLES / "loadgen"), "redis-sub", f"127.0.0.1:{redis.port}"),
+                    *(CHANNEL, str(subscribers), str(len(data)), "60"),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(lambda: (sub.kill(), sub.wait(10)))
+            assert sub.stdout is not None and sub.stdin is not None
+            if sub.stdout.readline().strip() != "subscribed":
+                raise RuntimeError("redis-sub did not subscribe")
+        cpu0 = cpu_seconds(redis.pid)
+        out = subprocess.run(
+            [
+                *("redis-benchmark", "-p", str(redis.port), "-c", str(clients)),
+                *("-P", str(pipeline), "-n", str(requests), "--csv", "PUBLISH", CHANNEL, data),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        rps = float(out.stdout.strip().splitlines()[-1].split(",")[1].strip('"'))
+        read = 1.0
+        if sub is not None:
+            time.sleep(0.2)  # what Redis still has to write
+            stdout, _ = sub.communicate(timeout=10)
+            read = json.loads(stdout.splitlines()[-1])["messages"] / (requests * subscribers)
+        cpu = (cpu_seconds(redis.pid) - cpu0) / requests * 1e6
+        return {"rate": rps, "read": read, "cpu_us": cpu}
+
+
+def redis_bench(runs: int) -> dict[tuple[int, int, int], dict[str, float]]:
+    """Redis's own ceiling on this machine: redis-benchmark's PUBLISH by connections,
+    pipelining and subscribers, interleaved; returns the medians (rate, Redis's CPU µs a
+    publication)."""
+    names = [f"{c} {p} {k}" for c, p, k in REDIS_BENCH]
+    results = interleaved(names, runs, lambda n: redis_bench_one(*map(int, n.split())))
+    got = {}
+    rows = []
+    for (c, p, k), name in zip(REDIS_BENCH, names, strict=True):
+        got[(c, p, k)] = r = medians(results[name])
+        rates = " ".join(f"{r['rate']:,.0f}" for r in results[name])
+        read = min(r["read"] for r in results[name])
+        rows.append(
+            [
+                *(str(c), str(p), str(k), f"{r['rate']:,.0f}", f"{r['rate'] * k:,.0f}", rates),
+                f"{r['cpu_us']:.2f}",
+                f"{read:.3f}",
+            ]
+        )
+    table(
+        f"Redis PUBLISH of {64 + ENVELOPE} bytes (a 64-byte message's envelope), redis-benchmark",
+        [
+            "connections",
+            "pipeline (-P)",
+            "subscribers",
+            "publications/s",
+            "deliveries/s",
+            "per run",
+            "Redis CPU µs a publication",
+            "read by subscribers (worst run)",
+        ],
+        rows,
+    )
+    return got
+
+
+def cluster_latency(seconds: float, runs: int, kinds: list[str]) -> None:
+    """Cross-server latency: 10 of 100 clients of A send CROSS_RATE messages a second, 100
+    clients on B; every copy timed with the kernel's receive timestamp (loadgen
+    `cross-latency`). "same server" is every copy at A's clients, "own" a sender's own copy,
+    "cross-server" every copy at B's; standalone is one server with A's 100 clients."""
+    cases = ["standalone", *kinds]
+
+    def measure(kind: str) -> dict[str, float]:
+        with cluster_of(kind, 1 if kind == "standalone" else 2) as (nodes, _):
+            b = nodes[1].address if len(nodes) > 1 else "-"
+            nb = 100 if len(nodes) > 1 else 0
+            return loadgen("cross-latency", nodes[0].address, b, 100, nb, CROSS_RATE, 64, seconds)
+
+    results = interleaved(cases, runs, measure)
+    rows = []
+    for kind in cases:
+        r = medians(results[kind])
+        local = sum(x["local"] for x in results[kind])
+        local_expected = sum(x["local_expected"] for x in results[kind])
+        remote = sum(x["remote"] for x in results[kind])
+        remote_expected = sum(x["remote_expected"] for x in results[kind])
+        cross = kind != "standalone"
+        rows.append(
+            [
+                kind,
+                f"{r['local_p50_us']:.0f}",
+                f"{r['local_p99_us']:.0f}",
+                f"{r['own_p50_us']:.0f}",
+                f"{r['own_p99_us']:.0f}",
+                f"{r['remote_p50_us']:.0f}" if cross else "-",
+                f"{r['remote_p99_us']:.0f}" if cross else "-",
+                f"{r['remote_max_us']:.0f}" if cross else "-",
+                " ".join(f"{x['remote_p50_us']:.0f}" for x in results[kind]) if cross else "-",
+                f"{local / max(local_expected, 1):.3f}"
+                + (f" / {remote / max(remote_expected, 1):.3f}" if cross else ""),
+            ]
+        )
+    table(
+        f"Cluster: latency, {CROSS_RATE} messages/s from 10 of 100 clients on A, 100 clients on "
+        f"B, 64 B (µs, one way, kernel receive timestamps)",
+        [
+            "servers",
+            "same server p50",
+            "p99",
+            "own copy p50",
+            "p99",
+            "cross-server p50",
+            "p99",
+            "max",
+            "cross p50 per run",
+            "received: A / B",
+        ],
+        rows,
+    )
+
+
+def redis_capacity(
+    rates: dict[tuple[int, int, int], dict[str, float]], fanout: float | None
+) -> None:
+    """On paper: Redis's CPU time a publication and for each subscribed server, fitted (least
+    squares) to the pipelined 50-connection runs with 0, 1, 4 and 16 subscribers; Redis does
+    its commands and its I/O on one thread, so it carries at most 1 / that publications a
+    second. With `fanout` (a server's deliveries a second): how many members each server can
+    reach at that rate."""
+    points = [(k, r["cpu_us"]) for (c, p, k), r in rates.items() if (c, p) == (50, 32)]
+    if len(points) < 2:
+        return
+    mean_k = statistics.mean(k for k, _ in points)
+    mean_t = statistics.mean(t for _, t in points)
+    slope = sum((k - mean_k) * (t - mean_t) for k, t in points) / sum(
+        (k - mean_k) ** 2 for k, _ in points
+    )
+    base = mean_t - slope * mean_k
+    print(
+        f"\nRedis's CPU, fitted: {base:.3f} µs a publication + {slope:.3f} µs for each "
+        f"subscribed server (over {', '.join(str(k) for k, _ in points)} subscribers)"
+    )
+    rows = []
+    for servers in (2, 4, 8, 16, 32, 64, 128):
+        ceiling = 1e6 / (base + slope * servers)
+        row = [str(servers), f"{ceiling:,.0f}", f"{ceiling * servers:,.0f}"]
+        if fanout:
+            row.append(f"{fanout / ceiling:,.2f}")
+        rows.append(row)
+    header = ["servers", "publications/s one Redis core carries", "deliveries/s it writes"]
+    if fanout:
+        header.append(f"members a server reaches at that rate ({fanout:,.0f} deliveries/s)")
+    table("Cluster, on paper: one Redis (its CPU time per publication, as measured)", header, rows)
+
+
+def cluster_step(seconds: float, runs: int) -> None:
+    """Issue 12's figures, each beside its baselines in the same run."""
+    missing = [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
+    if missing:
+        print(f"\n(cluster: skipped; no {' or '.join(missing)}: apt-get install redis-server)")
+        return
+    kinds = []
+    if has_cluster():
+        kinds.append("cluster")
+    else:
+        print("\n(cluster: this udpchat has no cluster option; the baselines only)")
+    if importlib.util.find_spec("redis"):
+        kinds.append("relay")
+    else:
+        print("\n(cluster: no redis-py for the Python relay: pip install --group bench)")
+    rates = redis_bench(runs)
+    fanout = cluster_fanout(seconds, runs) if "cluster" in kinds else None
+    cluster_cross(seconds, runs, kinds)
+    cluster_latency(2 * seconds, runs, kinds)
+    redis_capacity(rates, fanout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1543,6 +2157,9 @@ def main() -> None:
     a.add_argument("kind")
     a.add_argument("loop")
     a.add_argument("params", type=float, nargs="*")
+    n = sub.add_parser("node", help="(internal) one server of the cluster step, driven on stdin")
+    n.add_argument("kind", choices=["standalone", "cluster", "relay"])
+    n.add_argument("url", nargs="?")
     parser.add_argument("--quick", action="store_true", help="shorter runs, one of each")
     parser.add_argument("--runs", type=int, help="interleaved runs per figure (default 3)")
     parser.add_argument(
@@ -1570,6 +2187,9 @@ def main() -> None:
     if args.command == "aio":
         aio_main(args.test, args.kind, args.loop, args.params)
         return
+    if args.command == "node":
+        node_main(args.kind, args.url)
+        return
     seconds = 1.0 if args.quick else 1.5
     runs = args.runs or (1 if args.quick else 3)
     build()
@@ -1588,6 +2208,7 @@ def main() -> None:
         "registry": registry_scale,
         "presence": lambda: presence(seconds, runs),
         "asyncio": lambda: aio_step(args.quick, runs),
+        "cluster": lambda: cluster_step(seconds, runs),
     }
     assert list(steps) == list(STEPS)
     for name in args.only or STEPS:
