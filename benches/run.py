@@ -1557,7 +1557,7 @@ REDIS_BENCH = [
     (c, p, k) for c, p in ((1, 1), (1, 32), (1, 256), (50, 1), (50, 32)) for k in (0, 1, 4)
 ] + [(50, 32, 16)]
 # Publications per redis-benchmark run, by pipelining: about a second's worth each.
-REDIS_BENCH_REQUESTS = {1: 20_000, 32: 300_000, 256: 500_000}
+REDIS_BENCH_REQUESTS = {1: 50_000, 32: 1_000_000, 256: 1_500_000}
 
 
 def die_with_parent() -> None:
@@ -1683,9 +1683,13 @@ class PythonRelay:
     are not published again; its own publications come back from Redis: they carry this
     process's id and are not broadcast again. The origin is lost on the way: B's clients see B
     as the sender (the core keeps it). One `publish()` a message, one round trip to Redis each,
-    as redis-py's documentation shows it."""
+    as redis-py's documentation shows it; or, `batched`, what the bridge has queued taken at once
+    (`recv_many`, also in 0.1) and published in one pipeline, as a user who measured would.
+    redis-py's subscriber hands out one message at a time, and 0.1 broadcasts one at a time."""
 
-    def __init__(self, server: ChatServerUdp, url: str, channel: str = CHANNEL) -> None:
+    def __init__(
+        self, server: ChatServerUdp, url: str, channel: str = CHANNEL, batched: bool = False
+    ) -> None:
         import redis
         from udpchat import ChatClientUdp
 
@@ -1699,7 +1703,7 @@ class PythonRelay:
         self.bridge = ChatClientUdp(*self.me)
         self.bridge.start()
         self.published = self.received = 0
-        for target in (self.forward, self.deliver):
+        for target in (self.forward_batches if batched else self.forward, self.deliver):
             threading.Thread(target=target, daemon=True).start()
 
     def forward(self) -> None:
@@ -1708,6 +1712,17 @@ class PythonRelay:
             if msg.sender != self.me:
                 self.redis.publish(self.channel, self.id + msg.payload)
                 self.published += 1
+
+    def forward_batches(self) -> None:
+        """The same, a pipeline of what has come at a time (until the bridge stops)."""
+        while self.bridge.running:
+            pipe = self.redis.pipeline(transaction=False)
+            for msg in self.bridge.recv_many(256, 1.0):
+                if msg.sender != self.me:
+                    pipe.publish(self.channel, self.id + msg.payload)
+            if len(pipe):
+                self.published += len(pipe)
+                pipe.execute()
 
     def deliver(self) -> None:
         """Every other server's message, to this server's clients."""
@@ -1734,7 +1749,8 @@ class PythonRelay:
 def node_main(kind: str, url: str | None) -> None:
     """(internal) One server of the cluster step in this process: `standalone` (ChatServerUdp),
     `cluster` (with cluster=URL; its address printed only once cluster_connected is True) or
-    `relay` (standalone, with a PythonRelay beside it). Prints its address, then answers
+    `relay` or `relay-batched` (standalone, with a PythonRelay beside it). Prints its address,
+    then answers
     `stats` on stdin with a line of JSON; ends at the end of its input or after LIFETIME."""
     from udpchat import ChatServerUdp
 
@@ -1745,7 +1761,9 @@ def node_main(kind: str, url: str | None) -> None:
         server = ChatServerUdp("127.0.0.1", 0)
     server.start()
     assert server.address is not None
-    relay = PythonRelay(server, str(url)) if kind == "relay" else None
+    relay = None
+    if kind.startswith("relay"):
+        relay = PythonRelay(server, str(url), batched=kind == "relay-batched")
     deadline = time.monotonic() + 10
     while kind == "cluster" and not server.stats().get("cluster_connected"):
         if time.monotonic() > deadline:
@@ -1876,6 +1894,7 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
     user + system time over the run, per message that reached B."""
 
     rows, cpu_rows = [], []
+    relays = [k for k in kinds if k.startswith("relay") and "cluster" in kinds]
     for nb in CROSS_CLIENTS:
 
         def measure(kind: str, nb: int = nb) -> dict[str, float]:
@@ -1904,10 +1923,10 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
         results = interleaved(cases, runs, measure)
         got = {kind: median_by(results[kind], key) for kind in cases}
         row = [f"{nb} on B", *(f"{got[k][key]:,.0f}" for k in cases)]
-        if "relay" in kinds and "cluster" in kinds:
+        for relay in relays:
             row += [
-                ratio(got["cluster"][key], got["relay"][key]),
-                spread(results["cluster"], results["relay"], key),
+                ratio(got["cluster"][key], got[relay][key]),
+                spread(results["cluster"], results[relay], key),
             ]
         if "cluster" in kinds:
             row.append(ratio(got["cluster"][key], got["same server"][key]))
@@ -1929,8 +1948,8 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
                 ]
             )
     header = ["clients on B", "same server", *kinds]
-    if "relay" in kinds and "cluster" in kinds:
-        header += ["cluster/relay", "per round"]
+    for relay in relays:
+        header += [f"cluster/{relay}", "per round"]
     if "cluster" in kinds:
         header.append("cluster/same server")
     header += [f"{k}: delivered; published/sent (dropped)" for k in kinds]
@@ -2083,38 +2102,54 @@ def cluster_latency(seconds: float, runs: int, kinds: list[str]) -> None:
     )
 
 
+def least_squares(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the straight line nearest `points` (x, y)."""
+    mean_x = statistics.mean(x for x, _ in points)
+    mean_y = statistics.mean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
+        (x - mean_x) ** 2 for x, _ in points
+    )
+    return mean_y - slope * mean_x, slope
+
+
 def redis_capacity(
     rates: dict[tuple[int, int, int], dict[str, float]], fanout: float | None
 ) -> None:
-    """On paper: Redis's CPU time a publication and for each subscribed server, fitted (least
-    squares) to the pipelined 50-connection runs with 0, 1, 4 and 16 subscribers; Redis does
-    its commands and its I/O on one thread, so it carries at most 1 / that publications a
-    second. With `fanout` (a server's deliveries a second): how many members each server can
-    reach at that rate."""
-    points = [(k, r["cpu_us"]) for (c, p, k), r in rates.items() if (c, p) == (50, 32)]
-    if len(points) < 2:
+    """On paper: Redis's CPU time a publication and for each subscribed server, fitted to the
+    redis-benchmark runs with 0, 1, 4 (and 16) subscribers: pipelined (50 connections, -P 32:
+    Redis reads many publications a wake-up and writes each subscriber once for all of them, as
+    under load) and one at a time (1 connection, -P 1: a read and a write per subscriber for
+    each, as at a low rate). Redis runs commands and I/O on one thread, so one core carries at
+    most 1 / that publications a second; a chat whose every message goes to every server costs
+    it that for each message. With `fanout` (one server's deliveries a second, measured above):
+    how many members a server can serve at each message rate, and so in all."""
+    fits = {}
+    for name, config in (("pipelined", (50, 32)), ("one at a time", (1, 1))):
+        points = [(float(k), r["cpu_us"]) for (c, p, k), r in rates.items() if (c, p) == config]
+        if len(points) >= 2:
+            fits[name] = least_squares(points)
+            base, slope = fits[name]
+            print(
+                f"\nRedis's CPU, {name} (-c {config[0]} -P {config[1]}): {base:.2f} µs a "
+                f"publication + {slope:.2f} µs for each subscribed server"
+            )
+    if not fits:
         return
-    mean_k = statistics.mean(k for k, _ in points)
-    mean_t = statistics.mean(t for _, t in points)
-    slope = sum((k - mean_k) * (t - mean_t) for k, t in points) / sum(
-        (k - mean_k) ** 2 for k, _ in points
-    )
-    base = mean_t - slope * mean_k
-    print(
-        f"\nRedis's CPU, fitted: {base:.3f} µs a publication + {slope:.3f} µs for each "
-        f"subscribed server (over {', '.join(str(k) for k, _ in points)} subscribers)"
-    )
     rows = []
-    for servers in (2, 4, 8, 16, 32, 64, 128):
-        ceiling = 1e6 / (base + slope * servers)
-        row = [str(servers), f"{ceiling:,.0f}", f"{ceiling * servers:,.0f}"]
+    for rate in (100, 1_000, 10_000, 100_000):
+        servers = {name: max(0.0, (1e6 / rate - a) / b) for name, (a, b) in fits.items()}
+        row = [f"{rate:,}", *(f"{n:,.0f}" for n in servers.values())]
         if fanout:
-            row.append(f"{fanout / ceiling:,.2f}")
+            per_server = fanout / rate
+            row += [f"{per_server:,.0f}", *(f"{n * per_server:,.0f}" for n in servers.values())]
         rows.append(row)
-    header = ["servers", "publications/s one Redis core carries", "deliveries/s it writes"]
+    header = ["messages/s in the chat", *(f"servers one Redis core carries, {n}" for n in fits)]
     if fanout:
-        header.append(f"members a server reaches at that rate ({fanout:,.0f} deliveries/s)")
-    table("Cluster, on paper: one Redis (its CPU time per publication, as measured)", header, rows)
+        header += [
+            f"members a server serves ({fanout:,.0f} deliveries/s)",
+            *(f"members in all, {n}" for n in fits),
+        ]
+    table("Cluster, on paper: one chat on one Redis", header, rows)
 
 
 def cluster_step(seconds: float, runs: int) -> None:
@@ -2129,13 +2164,13 @@ def cluster_step(seconds: float, runs: int) -> None:
     else:
         print("\n(cluster: this udpchat has no cluster option; the baselines only)")
     if importlib.util.find_spec("redis"):
-        kinds.append("relay")
+        kinds += ["relay", "relay-batched"]
     else:
         print("\n(cluster: no redis-py for the Python relay: pip install --group bench)")
     rates = redis_bench(runs)
     fanout = cluster_fanout(seconds, runs) if "cluster" in kinds else None
     cluster_cross(seconds, runs, kinds)
-    cluster_latency(2 * seconds, runs, kinds)
+    cluster_latency(2 * seconds, runs, [k for k in kinds if k != "relay-batched"])
     redis_capacity(rates, fanout)
 
 
@@ -2159,7 +2194,7 @@ def main() -> None:
     a.add_argument("loop")
     a.add_argument("params", type=float, nargs="*")
     n = sub.add_parser("node", help="(internal) one server of the cluster step, driven on stdin")
-    n.add_argument("kind", choices=["standalone", "cluster", "relay"])
+    n.add_argument("kind", choices=["standalone", "cluster", "relay", "relay-batched"])
     n.add_argument("url", nargs="?")
     parser.add_argument("--quick", action="store_true", help="shorter runs, one of each")
     parser.add_argument("--runs", type=int, help="interleaved runs per figure (default 3)")
