@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -1667,6 +1668,18 @@ def redis_server() -> Iterator[Redis]:
                 proc.wait(10)
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process: /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """User and system CPU time of the children this process has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time a process has used so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -1894,6 +1907,7 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
     user + system time over the run, per message that reached B."""
 
     rows, cpu_rows = [], []
+    CPU_OF = ["A", "B", "Redis", "loadgen"]
     relays = [k for k in kinds if k.startswith("relay") and "cluster" in kinds]
     for nb in CROSS_CLIENTS:
 
@@ -1906,9 +1920,14 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
                     pids["Redis"] = redis.pid
                 cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 published0 = redis.publications() if redis else 0
+                children0, busy0, t0 = children_cpu(), machine_busy(), time.monotonic()
                 result = loadgen("cross", a.address, b.address, nb, 4, 64, seconds)
+                wall, busy = time.monotonic() - t0, machine_busy() - busy0
                 time.sleep(0.2)  # what was in flight when the load generator ended
                 cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+                cpu["loadgen"] = children_cpu() - children0
+                result["cores"] = sum(cpu.values()) / wall
+                result["others"] = max(0.0, busy / wall - result["cores"])
                 result["published"] = redis.publications() - published0 if redis else 0
                 arrived = max(result["delivered_total"] / nb, 1)
                 for name, used in cpu.items():
@@ -1943,8 +1962,10 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
                 [
                     f"{nb} on B",
                     kind,
-                    *(f"{r[f'cpu_{n}']:.1f}" if f"cpu_{n}" in r else "-" for n in ["A", "B"]),
-                    f"{r['cpu_Redis']:.1f}" if "cpu_Redis" in r else "-",
+                    *(f"{r[f'cpu_{n}']:.1f}" if f"cpu_{n}" in r else "-" for n in CPU_OF),
+                    f"{sum(r.get(f'cpu_{n}', 0) for n in CPU_OF):.1f}",
+                    f"{r['cores']:.2f}",
+                    f"{r['others']:.2f}",
                 ]
             )
     header = ["clients on B", "same server", *kinds]
@@ -1960,8 +1981,10 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
         rows,
     )
     table(
-        "Cluster: CPU per message that crossed (µs, user + system, whole process)",
-        ["clients on B", "server", "A", "B", "Redis"],
+        "Cluster: CPU per message that crossed (µs, user + system, each whole process; cores "
+        "busy: all four's CPU over the load generator's run, registration and warm-up included; "
+        "others': the rest of the machine's, other engineers' work)",
+        ["clients on B", "server", *CPU_OF, "in all", "cores busy", "others' cores"],
         cpu_rows,
     )
 
