@@ -19,6 +19,8 @@ pub enum Error {
     /// A message that can never be relayed: its broadcast would be longer than UDP carries.
     /// The text says the limit.
     TooLong(String),
+    /// A setting the core cannot use (a cluster URL); the text says why.
+    Invalid(String),
 }
 
 impl Error {
@@ -42,7 +44,7 @@ impl fmt::Display for Error {
                  the parent: start a new one here"
             ),
             Error::Panicked(msg) => write!(f, "a udpchat thread panicked: {msg}"),
-            Error::TooLong(msg) => f.write_str(msg),
+            Error::TooLong(msg) | Error::Invalid(msg) => f.write_str(msg),
         }
     }
 }

@@ -9,6 +9,7 @@ compile_error!("udpchat runs on Linux: its core uses recvmmsg and sendmmsg");
 
 mod auth;
 pub mod client;
+pub mod envelope;
 pub mod error;
 pub mod lifecycle;
 pub mod logs;

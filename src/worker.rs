@@ -7,7 +7,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::wakeup::Wakeup;
@@ -72,7 +72,8 @@ pub struct Workers {
     /// Threads that have not yet finished, panic kept: a thread's channels close as it unwinds,
     /// before its panic is kept and the stop fired, so whoever sees one close `settle()`s first.
     unfinished: Arc<(Mutex<usize>, Condvar)>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// Each thread, and whether it lingers (see `spawn_lingering`).
+    handles: Mutex<Vec<(JoinHandle<()>, bool)>>,
     /// Written as each thread ends, once its panic (if any) is kept: an event loop waiting for
     /// the core's queue then finds it closed, or the core dead.
     wakeup: Arc<Wakeup>,
@@ -81,6 +82,9 @@ pub struct Workers {
 /// How long `failure()` waits, once stopped, for threads still ending (they end within one
 /// wake-up, and never wait for the GIL).
 const SETTLE: Duration = Duration::from_secs(1);
+
+/// How long `stop_and_join` waits for a lingering thread before it leaves it to end on its own.
+const LINGER: Duration = Duration::from_millis(50);
 
 impl Workers {
     pub fn new(name: &'static str, wakeup: Arc<Wakeup>) -> Result<Self> {
@@ -102,12 +106,30 @@ impl Workers {
     /// Runs `body` on a named thread. A panic is logged, kept for [`Workers::check`], and fires
     /// the stop signal so the other threads end too: nothing hangs half-alive.
     pub fn spawn(&self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.spawn_thread(name, false, body)
+    }
+
+    /// As `spawn`, for a thread that may be blocked for a while in a call it cannot interrupt
+    /// (a connection to another server): a stop waits `LINGER` for it, then leaves it to end on
+    /// its own, and `settle` does not wait for it. It must hold nothing a new run needs (a bound
+    /// socket) and must not report a failure once the stop has fired.
+    pub fn spawn_lingering(&self, name: &str, body: impl FnOnce() + Send + 'static) -> Result<()> {
+        self.spawn_thread(name, true, body)
+    }
+
+    fn spawn_thread(
+        &self,
+        name: &str,
+        lingering: bool,
+        body: impl FnOnce() + Send + 'static,
+    ) -> Result<()> {
         let stop = Arc::clone(&self.stop);
         let failure = Arc::clone(&self.failure);
         let injected = Arc::clone(&self.injected);
         let unfinished = Arc::clone(&self.unfinished);
         let wakeup = Arc::clone(&self.wakeup);
-        *lock(&unfinished.0) += 1;
+        let counted = !lingering;
+        *lock(&unfinished.0) += usize::from(counted);
         let thread_name = name.to_owned();
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
@@ -128,15 +150,15 @@ impl Workers {
                     lock(&failure).get_or_insert(format!("{thread_name}: {msg}"));
                     stop.fire();
                 }
-                *lock(&unfinished.0) -= 1;
+                *lock(&unfinished.0) -= usize::from(counted);
                 unfinished.1.notify_all();
                 wakeup.wake();
             })
             .map_err(|e| {
-                *lock(&self.unfinished.0) -= 1;
+                *lock(&self.unfinished.0) -= usize::from(counted);
                 Error::io(format!("cannot spawn thread {name}"), e)
             })?;
-        lock(&self.handles).push(handle);
+        lock(&self.handles).push((handle, lingering));
         Ok(())
     }
 
@@ -194,9 +216,19 @@ impl Workers {
         self.stop.fire();
         let handles = std::mem::take(&mut *lock(&self.handles));
         let joined_any = !handles.is_empty();
-        for handle in handles {
+        let (lingering, others): (Vec<_>, Vec<_>) = handles.into_iter().partition(|h| h.1);
+        for (handle, _) in others {
             // The body's panic was caught inside the thread, so join cannot fail.
             let _ = handle.join();
+        }
+        let deadline = Instant::now() + LINGER;
+        for (handle, _) in lingering {
+            while !handle.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
         }
         joined_any
     }

@@ -87,6 +87,16 @@ def _parser() -> argparse.ArgumentParser:
         help="datagrams per second each source IP may send (default: no limit)",
     )
     serve.add_argument(
+        "--cluster",
+        metavar="URL",
+        help="share the chat with every server on this Redis (redis://host:port) channel",
+    )
+    serve.add_argument(
+        "--cluster-channel",
+        metavar="NAME",
+        help="the Redis channel of --cluster (default: udpchat)",
+    )
+    serve.add_argument(
         "--events",
         action="store_true",
         help="print each join, leave and refusal on stdout as one JSON object a line",
@@ -603,6 +613,8 @@ def _run(args: argparse.Namespace) -> int:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
         )
+        # Left out unless given, so that a channel without --cluster is refused as such.
+        channel = {} if args.cluster_channel is None else {"cluster_channel": args.cluster_channel}
         try:
             server = ChatServerUdp(
                 args.ip,
@@ -610,6 +622,8 @@ def _run(args: argparse.Namespace) -> int:
                 args.interval,
                 validate=args.validate,
                 rate_limit=args.rate_limit,
+                cluster=args.cluster,
+                **channel,
             )
         except (ValueError, TypeError) as e:  # as the constructor judges the arguments
             args.subparser.error(str(e))

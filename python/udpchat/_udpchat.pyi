@@ -242,6 +242,8 @@ class ChatServerUdp:
         fanout_threads: int = 1,
         event_queue: int = 4096,
         drop_unreachable: bool = True,
+        cluster: str | None = None,
+        cluster_channel: str = "udpchat",
     ) -> Self:
         """Every argument is checked here: ValueError for a value out of its range (an int of
         any size included), TypeError for a wrong type (``True`` is not a number).
@@ -270,6 +272,17 @@ class ChatServerUdp:
           ``'unreachable'`` leave); in validated mode, where anyone who knows a member's address
           can forge the report, sends to it are only paused until its next valid datagram.
           False ignores the reports, for networks whose firewalls send spurious ones.
+        - ``cluster`` (None, or a Redis URL: ``redis://[[user]:password@]host[:port][/db]``,
+          ``unix:///path/to/redis.sock``): one chat with every other server on the same Redis
+          channel. Each message this server relays for its own clients, and each
+          ``broadcast()``, is also published once to the channel; what the other servers
+          publish is relayed to this server's clients with its sender's own ``ack:`` line.
+          Connecting is done by the server's threads: ``start()`` does not wait for Redis, and
+          serves this server's clients while Redis is away (``stats()['cluster_connected']``).
+          A URL that cannot be used (``rediss://`` included: this build has no TLS) is a
+          ValueError. None (the default): this server alone, no Redis needed.
+        - ``cluster_channel`` (a non-empty str, default ``'udpchat'``): the Redis channel; only
+          with ``cluster``. Pub/sub ignores the URL's database number.
         """
 
     def start(self) -> None:
@@ -312,6 +325,13 @@ class ChatServerUdp:
         queued because ``event_queue`` were already waiting unread), ``kernel_drops``
         (datagrams the kernel dropped for want of receive buffer), and ``clients`` registered
         now.
+
+        With ``cluster``, also: ``cluster_published`` (messages Redis accepted),
+        ``cluster_received`` (messages of other servers relayed here), ``cluster_dropped``
+        (messages not published: Redis away, the ones queued when it went included, or the
+        publishing queue full), ``cluster_malformed`` (messages on the channel that are not a
+        udpchat envelope: ignored), ``cluster_errors`` (failed connections and commands), and
+        ``cluster_connected``, a bool: True while both connections to Redis are up.
         """
 
     @property

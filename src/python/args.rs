@@ -129,6 +129,23 @@ impl<'py> Arg<'py> {
             .transpose()
     }
 
+    /// A `str`; None if left out or None.
+    pub fn optional_str(&self, name: &str) -> PyResult<Option<String>> {
+        let Some(obj) = self.given() else {
+            return Ok(None);
+        };
+        let text = obj.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!("{name} must be a str, not {}", type_name(obj)))
+        })?;
+        match text.to_str() {
+            Ok(text) => Ok(Some(text.to_owned())),
+            Err(_) => Err(PyValueError::new_err(format!(
+                "{name} must be text that UTF-8 can encode, got {}",
+                show(obj)
+            ))),
+        }
+    }
+
     fn int_in<T>(name: &str, obj: &Bound<'py, PyAny>, lo: T, hi: T) -> PyResult<T>
     where
         T: Copy + Display + PartialOrd + TryFrom<i128>,

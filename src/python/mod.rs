@@ -28,7 +28,7 @@ fn to_py(err: Error) -> PyErr {
         Error::NotRunning(_) | Error::AlreadyRunning(_) | Error::Forked(_) | Error::Panicked(_) => {
             PyRuntimeError::new_err(err.to_string())
         }
-        Error::TooLong(_) => PyValueError::new_err(err.to_string()),
+        Error::TooLong(_) | Error::Invalid(_) => PyValueError::new_err(err.to_string()),
     }
 }
 

@@ -1,3 +1,4 @@
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{IntoPyDict, PyDict};
 use pyo3::IntoPyObjectExt;
@@ -18,7 +19,7 @@ const DEFAULTS: ServerConfig = ServerConfig::default_for(SocketAddr::new(
 ));
 use crate::lifecycle::{Core, Slot};
 use crate::registry::Limits;
-use crate::server::{self, Server, ServerConfig, Stats, MAX_DATAGRAM};
+use crate::server::{self, ClusterConfig, Server, ServerConfig, Stats, MAX_DATAGRAM};
 use crate::worker::lock;
 
 /// The most clients, in all and from one IP address, that `max_clients` and `max_per_ip` allow.
@@ -64,6 +65,22 @@ fn wait_for_event(
     Ok(events.wait(py, timeout, || dead(&core))?.ok())
 }
 
+/// `cluster` and `cluster_channel` checked: a URL the Redis client can use, a channel that is
+/// not empty, and no channel without a URL.
+fn cluster_config(url: Arg<'_>, channel: Arg<'_>) -> PyResult<Option<ClusterConfig>> {
+    let channel = channel.optional_str("cluster_channel")?;
+    let Some(url) = url.optional_str("cluster")? else {
+        return match channel {
+            Some(_) => Err(PyValueError::new_err(
+                "cluster_channel is the channel of a cluster: give cluster, a Redis URL, too",
+            )),
+            None => Ok(None),
+        };
+    };
+    let channel = channel.as_deref().unwrap_or(server::DEFAULT_CHANNEL);
+    ClusterConfig::new(&url, channel).map(Some).map_err(to_py)
+}
+
 #[pymethods]
 impl ChatServerUdp {
     #[new]
@@ -73,9 +90,9 @@ impl ChatServerUdp {
             max_datagram = Arg::MISSING, max_clients = Arg::MISSING, max_per_ip = Arg::MISSING,
             rate_limit = Arg::MISSING, rcvbuf = Arg::MISSING, validate = Arg::MISSING,
             fanout_threads = Arg::MISSING, event_queue = Arg::MISSING,
-            drop_unreachable = Arg::MISSING
+            drop_unreachable = Arg::MISSING, cluster = Arg::MISSING, cluster_channel = Arg::MISSING
         ),
-        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, max_clients=100000, max_per_ip=1024, rate_limit=None, rcvbuf=None, validate=False, fanout_threads=1, event_queue=4096, drop_unreachable=True)"
+        text_signature = "(ip='127.0.0.1', port=9998, interval=10.0, *, max_datagram=65507, max_clients=100000, max_per_ip=1024, rate_limit=None, rcvbuf=None, validate=False, fanout_threads=1, event_queue=4096, drop_unreachable=True, cluster=None, cluster_channel='udpchat')"
     )]
     #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn new(
@@ -91,6 +108,8 @@ impl ChatServerUdp {
         fanout_threads: Arg<'_>,
         event_queue: Arg<'_>,
         drop_unreachable: Arg<'_>,
+        cluster: Arg<'_>,
+        cluster_channel: Arg<'_>,
     ) -> PyResult<Self> {
         let (ip, addr) = ip.ip("ip", "127.0.0.1")?;
         let port = port.int("port", DEFAULTS.addr.port(), 0, u16::MAX)?;
@@ -111,6 +130,7 @@ impl ChatServerUdp {
                 validate: validate.flag("validate", false)?,
                 event_queue: event_queue.int("event_queue", DEFAULTS.event_queue, 1, MAX_QUEUE)?,
                 drop_unreachable: drop_unreachable.flag("drop_unreachable", true)?,
+                cluster: cluster_config(cluster, cluster_channel)?,
             },
             ip,
             port,
@@ -158,7 +178,11 @@ impl ChatServerUdp {
             Some(core) => core.stats(),
             None => lock(&self.final_stats).clone(),
         };
-        stats.into_py_dict(py)
+        let dict = stats.into_py_dict(py)?;
+        if let Some(connected) = dict.get_item("cluster_connected")? {
+            dict.set_item("cluster_connected", connected.is_truthy()?)?;
+        }
+        Ok(dict)
     }
 
     /// ``{(ip, port): last_seen_unix_timestamp}`` of the live clients; empty when not running.

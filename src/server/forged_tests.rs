@@ -30,7 +30,7 @@ impl Bench {
             ..ServerConfig::default_for("127.0.0.1:0".parse().unwrap())
         };
         let (fanout, _jobs) = crossbeam_channel::bounded(FANOUT_QUEUE);
-        let (shared, events) = Shared::bind(config).unwrap();
+        let (shared, events, _) = Shared::bind(config).unwrap();
         Bench {
             shared,
             events,

@@ -4,8 +4,10 @@
 //! `mod.rs` holds the public `Server`, its configuration and its stop; each concern has a file:
 //! `receive` (the receiver thread), `fanout` (sending broadcasts, the sweep), `validated` (the
 //! handshake of validated mode), `events` (presence: joins, leaves, refusals), `unreachable`
-//! (clients the kernel reports unreachable), `stats` (the counters).
+//! (clients the kernel reports unreachable), `stats` (the counters), `cluster` (the Redis
+//! channel several servers share).
 
+mod cluster;
 mod events;
 mod fanout;
 #[cfg(test)]
@@ -31,6 +33,8 @@ use crate::registry::{Limits, Peer, Registry};
 use crate::throttle::{throttled, Throttle};
 use crate::wakeup::Wakeup;
 use crate::worker::{lock, Workers};
+use cluster::Cluster;
+pub use cluster::{ClusterConfig, DEFAULT_CHANNEL};
 use events::Presence;
 pub use events::{Event, Kind, Reason};
 use fanout::{Job, Sending, FANOUT_QUEUE};
@@ -71,6 +75,8 @@ pub struct ServerConfig {
     /// Act on the kernel's reports (ICMP) that a client is unreachable: drop it in open mode,
     /// pause sends to it in validated mode. Off for networks whose firewalls send spurious ones.
     pub drop_unreachable: bool,
+    /// One chat with the other servers on this Redis channel; None: this server alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -90,6 +96,7 @@ impl ServerConfig {
             validate: false,
             event_queue: 4096,
             drop_unreachable: true,
+            cluster: None,
         }
     }
 
@@ -115,6 +122,8 @@ struct Shared {
     /// Written when an event is queued for a waiting event loop, when the events queue closes,
     /// and as each thread ends, its panic kept (waiting loops then find the server dead).
     wakeup: Arc<Wakeup>,
+    /// The Redis channel shared with other servers, if any.
+    cluster: Option<Cluster>,
 }
 
 pub struct Server {
@@ -129,8 +138,10 @@ pub struct Server {
 
 impl Shared {
     /// Binds the socket and makes validated mode's keys: all a server is before its threads;
-    /// and the end of the events queue applications read.
-    fn bind(config: ServerConfig) -> Result<(Shared, Receiver<Event>)> {
+    /// the end of the events queue applications read; and the cluster publisher's queue.
+    fn bind(
+        config: ServerConfig,
+    ) -> Result<(Shared, Receiver<Event>, Option<Receiver<cluster::Batch>>)> {
         let socket = net::bind(config.addr, config.rcvbuf)
             .map_err(|e| Error::io(format!("cannot bind {}", config.addr), e))?;
         // Bound to a wildcard address, the server answers each client from the address it
@@ -154,6 +165,13 @@ impl Shared {
         let registry = Registry::new(config.interval, config.limits);
         let wakeup = Arc::new(Wakeup::new().map_err(|e| Error::io("cannot create an eventfd", e))?);
         let (presence, events) = Presence::new(registry, config.event_queue, Arc::clone(&wakeup));
+        let (cluster, publications) = match config.cluster.clone() {
+            Some(cluster) => {
+                let (cluster, publications) = Cluster::new(cluster)?;
+                (Some(cluster), Some(publications))
+            }
+            None => (None, None),
+        };
         let shared = Shared {
             socket,
             local,
@@ -163,8 +181,9 @@ impl Shared {
             keys,
             sending: Mutex::default(),
             wakeup,
+            cluster,
         };
-        Ok((shared, events))
+        Ok((shared, events, publications))
     }
 
     /// The `end` that closes `addr`'s membership: keyed with its token in validated mode, so a
@@ -182,7 +201,7 @@ impl Shared {
 impl Server {
     /// Binds and starts the receiver and fan-out threads.
     pub fn start(config: ServerConfig) -> Result<Server> {
-        let (shared, events) = Shared::bind(config)?;
+        let (shared, events, publications) = Shared::bind(config)?;
         let shared = Arc::new(shared);
         let local = shared.local;
         let workers = Workers::new(Self::NAME, Arc::clone(&shared.wakeup))?;
@@ -194,6 +213,7 @@ impl Server {
             events,
             ended: Mutex::new(false),
         };
+        let fanout_for_cluster = fanout.clone();
         fanout::start_helpers(&shared, &server.workers)?;
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
@@ -209,6 +229,9 @@ impl Server {
                 .workers
                 .spawn("udpchat-srv-tx", move || fanout::run(&shared, &stop, &jobs))?;
         }
+        if let Some(publications) = publications {
+            Self::start_cluster(&shared, &server.workers, publications, fanout_for_cluster)?;
+        }
         let mode = if shared.keys.is_some() {
             "validated"
         } else {
@@ -219,6 +242,28 @@ impl Server {
             shared.config.interval
         );
         Ok(server)
+    }
+
+    /// The cluster's publisher and subscriber threads. They may be blocked in a connection
+    /// attempt or a command for up to a second, so a stop does not wait for them to end.
+    fn start_cluster(
+        shared: &Arc<Shared>,
+        workers: &Workers,
+        publications: Receiver<cluster::Batch>,
+        fanout: Sender<Job>,
+    ) -> Result<()> {
+        let (s, stop) = (Arc::clone(shared), Arc::clone(workers.stop()));
+        workers.spawn_lingering("udpchat-cluster-pub", move || {
+            if let Some(cluster) = &s.cluster {
+                cluster::publish(cluster, &stop, &publications);
+            }
+        })?;
+        let (s, stop) = (Arc::clone(shared), Arc::clone(workers.stop()));
+        workers.spawn_lingering("udpchat-cluster-sub", move || {
+            if let Some(cluster) = &s.cluster {
+                cluster::subscribe(cluster, &stop, &fanout);
+            }
+        })
     }
 
     /// Live clients with the wall-clock time each was last heard from.
@@ -322,6 +367,9 @@ impl Server {
             send(self.fanout, vec![datagram]) -> sent => sent.map_err(|_| Error::NotRunning(Self::NAME)),
             recv(stop.channel()) -> _ => Err(Error::NotRunning(Self::NAME)),
         }?;
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.publish(vec![cluster.envelope(self.shared.local, payload)]);
+        }
         Ok(())
     }
 
@@ -339,6 +387,9 @@ impl Server {
             net::kernel_drops(&self.shared.socket).unwrap_or(0),
         ));
         stats.push(("clients", clients as u64));
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.stats(&mut stats);
+        }
         stats
     }
 }
@@ -361,6 +412,9 @@ impl Core for Server {
         // Joined here, or earlier by whatever made a thread panic; the goodbye is said once,
         // either way.
         self.workers.stop_and_join();
+        if let Some(cluster) = &self.shared.cluster {
+            cluster.disconnected();
+        }
         if std::mem::replace(&mut *ended, true) {
             return;
         }

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
+use super::cluster::Batch;
 use super::fanout::Job;
 use super::loops::{Loop, LoopGuard, ReplyLimit};
 use super::Reason;
@@ -37,6 +38,8 @@ pub(super) struct Receive<'a> {
     pub(super) stop: &'a Stop,
     fanout: &'a Sender<Job>,
     job: Job,
+    /// This batch's messages as cluster envelopes, for the publisher.
+    publications: Batch,
     /// The per-source rate limiter (`rate_limit`).
     limiter: Option<RateLimiter<IpAddr>>,
     /// At most one `refused` event per address per interval.
@@ -70,6 +73,7 @@ impl<'a> Receive<'a> {
             stop,
             fanout,
             job: Job::new(),
+            publications: Batch::new(),
             limiter: shared.config.rate_limit.map(|rate| {
                 let sources = shared.config.limits.max_clients.max(1024);
                 RateLimiter::new(rate, sources)
@@ -140,6 +144,9 @@ impl<'a> Receive<'a> {
                     let mut datagram = Vec::new();
                     protocol::write_ack(&mut datagram, from, payload);
                     self.job.push(datagram);
+                    if let Some(cluster) = &self.shared.cluster {
+                        self.publications.push(cluster.envelope(from, payload));
+                    }
                 }
             }
         }
@@ -273,6 +280,11 @@ impl net::Handler for Receive<'_> {
             }
             self.refusals.sweep(self.swept);
             self.replies.sweep(self.swept);
+        }
+        if let Some(cluster) = &self.shared.cluster {
+            if !self.publications.is_empty() {
+                cluster.publish(std::mem::take(&mut self.publications));
+            }
         }
         if self.job.is_empty() {
             return;

@@ -1,0 +1,518 @@
+//! The cluster option: one chat across several servers through a Redis pub/sub channel. Each
+//! server publishes every message it relays for its own clients (and every `broadcast()`) once,
+//! and fans out what the other servers publish to its own clients, as the Socket.IO Redis
+//! adapter does.
+//!
+//! Two threads of their own talk to Redis, so that the receive and fan-out paths never wait for
+//! it: a publisher, fed by the receiver through a bounded queue it never blocks on, that sends
+//! what is queued in pipelined batches; and a subscriber that hands each envelope of another
+//! server to the fan-out. While a connection is down, both retry with backoff and the server
+//! goes on serving its own clients; publications are dropped and counted, never kept to be sent
+//! late (at most once, as Redis pub/sub itself).
+
+use crossbeam_channel::{after, select, Receiver, Sender, TrySendError};
+use log::{debug, info, warn};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::fanout::Job;
+use super::stats::Stats;
+use crate::envelope;
+use crate::error::{Error, Result};
+use crate::protocol;
+use crate::throttle::{throttled, Throttle};
+use crate::worker::{lock, Stop};
+
+/// Python's logger for the cluster's records: `udpchat.cluster`.
+const LOG_TARGET: &str = "udpchat::cluster";
+
+/// The channel servers share unless told otherwise.
+pub const DEFAULT_CHANNEL: &str = "udpchat";
+
+/// Batches of envelopes (one per received batch) waiting for the publisher. When Redis is
+/// slower than the chat, what does not fit is dropped and counted.
+const PUBLISH_QUEUE: usize = 256;
+/// Envelopes sent in one pipeline at most.
+const PIPELINE: usize = 256;
+/// The first wait before connecting again, doubled after each failure up to `MAX_BACKOFF`.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long a connection attempt, or a command on a connection, may take before the connection
+/// counts as down.
+const IO_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the subscriber, waiting for a message, looks at the stop signal: the most a stop
+/// waits for it.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where the cluster meets: a Redis server and a channel.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    client: redis::Client,
+    /// The URL without its password, for logs.
+    shown: String,
+    channel: String,
+}
+
+impl ClusterConfig {
+    /// `Err(Error::Invalid)` for a URL the Redis client cannot use or an empty channel.
+    pub fn new(url: &str, channel: &str) -> Result<ClusterConfig> {
+        if channel.is_empty() {
+            return Err(Error::Invalid("cluster_channel must not be empty".into()));
+        }
+        let shown = without_password(url);
+        let client = redis::Client::open(url).map_err(|e| {
+            Error::Invalid(format!(
+                "cluster {shown:?} is not a Redis URL this build can use: {e}"
+            ))
+        })?;
+        Ok(ClusterConfig {
+            client,
+            shown,
+            channel: channel.to_owned(),
+        })
+    }
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} channel {:?}", self.shown, self.channel)
+    }
+}
+
+/// `url` with the password of its user information, if any, replaced by `***`.
+fn without_password(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => {
+            // With no colon, what there is may be a password too.
+            let user = url[start..start + at].split_once(':').map(|(user, _)| user);
+            let shown = user.map_or("***".to_owned(), |user| format!("{user}:***"));
+            format!("{}{shown}{}", &url[..start], &url[start + at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Envelopes from one received batch, published together.
+pub(super) type Batch = Vec<Vec<u8>>;
+
+#[derive(Default)]
+struct Counters {
+    published: AtomicU64,
+    received: AtomicU64,
+    dropped: AtomicU64,
+    malformed: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// The two connections to Redis.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Publishing,
+    Subscribed,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Publishing => "publishing",
+            Side::Subscribed => "subscribed",
+        })
+    }
+}
+
+/// What the server's threads share of the cluster.
+pub(super) struct Cluster {
+    config: ClusterConfig,
+    /// This run's id, in every envelope it publishes: the subscriber skips its own.
+    id: u64,
+    queue: Sender<Batch>,
+    /// Whether each connection is up now: publications are queued only while the publishing
+    /// one is, so none waits through an outage to be sent late.
+    publishing: AtomicBool,
+    subscribed: AtomicBool,
+    /// Set at the server's stop.
+    stopped: AtomicBool,
+    /// How many times the subscribed connection failed: the publisher, which finds a dead
+    /// connection only by writing to it, reconnects when this changes.
+    losses: AtomicU64,
+    /// `cluster_connected` as last logged (None until the first connection or failure): each
+    /// change is logged once.
+    logged: Mutex<Option<bool>>,
+    counters: Counters,
+}
+
+impl Cluster {
+    /// The cluster's state for a new server run, and the publisher's end of its queue.
+    pub(super) fn new(config: ClusterConfig) -> Result<(Cluster, Receiver<Batch>)> {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id)
+            .map_err(|e| Error::io("cannot make a cluster id", std::io::Error::other(e)))?;
+        let (queue, publications) = crossbeam_channel::bounded(PUBLISH_QUEUE);
+        let cluster = Cluster {
+            config,
+            id: u64::from_ne_bytes(id),
+            queue,
+            publishing: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
+            losses: AtomicU64::new(0),
+            logged: Mutex::new(None),
+            counters: Counters::default(),
+        };
+        Ok((cluster, publications))
+    }
+
+    /// The envelope of a message from `origin`.
+    pub(super) fn envelope(&self, origin: SocketAddr, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        envelope::write(&mut out, self.id, origin, payload);
+        out
+    }
+
+    /// Hands `batch` to the publisher without waiting: dropped and counted if the publishing
+    /// connection is down or the queue is full.
+    pub(super) fn publish(&self, batch: Batch) {
+        let n = batch.len() as u64;
+        if !self.publishing.load(Acquire) {
+            self.counters.dropped.fetch_add(n, Relaxed);
+            return;
+        }
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
+            self.queue.try_send(batch)
+        {
+            self.counters.dropped.fetch_add(n, Relaxed);
+        }
+    }
+
+    /// At stop: `cluster_connected` is false from then on, whatever a thread still ending does.
+    pub(super) fn disconnected(&self) {
+        *lock(&self.logged) = Some(false);
+        self.stopped.store(true, Release);
+    }
+
+    fn connected(&self) -> bool {
+        let up = self.publishing.load(Acquire) && self.subscribed.load(Acquire);
+        up && !self.stopped.load(Acquire)
+    }
+
+    /// Appends the cluster's counters and state to `stats`.
+    pub(super) fn stats(&self, stats: &mut Stats) {
+        let c = &self.counters;
+        stats.extend([
+            ("cluster_published", c.published.load(Relaxed)),
+            ("cluster_received", c.received.load(Relaxed)),
+            ("cluster_dropped", c.dropped.load(Relaxed)),
+            ("cluster_malformed", c.malformed.load(Relaxed)),
+            ("cluster_errors", c.errors.load(Relaxed)),
+            ("cluster_connected", u64::from(self.connected())),
+        ]);
+    }
+
+    fn flag(&self, side: Side) -> &AtomicBool {
+        match side {
+            Side::Publishing => &self.publishing,
+            Side::Subscribed => &self.subscribed,
+        }
+    }
+
+    fn connect(&self) -> redis::RedisResult<redis::Connection> {
+        let con = self.config.client.get_connection_with_timeout(IO_TIMEOUT)?;
+        con.set_write_timeout(Some(IO_TIMEOUT))?;
+        con.set_read_timeout(Some(IO_TIMEOUT))?;
+        Ok(con)
+    }
+
+    fn up(&self, side: Side) {
+        self.flag(side).store(true, Release);
+        self.log_change(None);
+    }
+
+    /// `side`'s connection failed, or could not be made: counted, and logged if the cluster
+    /// was connected (or at the first failure since the server started).
+    fn down(&self, side: Side, error: &redis::RedisError) {
+        self.flag(side).store(false, Release);
+        if let Side::Subscribed = side {
+            self.losses.fetch_add(1, Release);
+        }
+        self.counters.errors.fetch_add(1, Relaxed);
+        self.log_change(Some((side, error)));
+    }
+
+    fn log_change(&self, failure: Option<(Side, &redis::RedisError)>) {
+        let (shown, channel) = (&self.config.shown, &self.config.channel);
+        let mut logged = lock(&self.logged);
+        let connected = self.connected();
+        if *logged == Some(connected) {
+            if let Some((side, e)) = failure {
+                debug!(target: LOG_TARGET, "{side} connection to {shown}: {e}");
+            }
+            return;
+        }
+        let first = logged.replace(connected).is_none();
+        drop(logged);
+        match failure {
+            _ if connected => info!(
+                target: LOG_TARGET,
+                "connected to {shown}, channel {channel:?}, as server {:016x}", self.id
+            ),
+            Some((side, e)) if first => warn!(
+                target: LOG_TARGET,
+                "cannot reach Redis at {shown} ({side} connection: {e}); serving this server's \
+                 clients only, and retrying"
+            ),
+            Some((side, e)) => warn!(
+                target: LOG_TARGET,
+                "lost Redis at {shown} ({side} connection: {e}); serving this server's clients \
+                 only, and reconnecting"
+            ),
+            None => {}
+        }
+    }
+
+    /// Drops (and counts) every batch queued for the publisher.
+    fn drop_queued(&self, queue: &Receiver<Batch>) {
+        let n: usize = queue.try_iter().map(|batch| batch.len()).sum();
+        self.counters.dropped.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// The waits between connection attempts: 0.1 s, doubling after each failure, up to 2 s.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(MIN_BACKOFF)
+    }
+
+    fn next(&mut self) -> Duration {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        wait
+    }
+}
+
+/// The publisher thread: connects, then sends each queued batch, with whatever else is queued
+/// by then, as one pipeline of PUBLISH commands. When the connection fails, the batch it was
+/// sending and every batch queued are dropped and counted; so is every batch queued while it
+/// waits to connect again.
+pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
+    let channel = cluster.config.channel.as_bytes();
+    let mut backoff = Backoff::new();
+    let mut pipe = redis::pipe();
+    loop {
+        let failed = match cluster.connect() {
+            Ok(mut con) => {
+                // Nothing queued before this connection is sent late.
+                cluster.drop_queued(queue);
+                cluster.up(Side::Publishing);
+                backoff = Backoff::new();
+                let e = send_batches(cluster, stop, queue, &mut con, &mut pipe, channel);
+                cluster.publishing.store(false, Release);
+                e
+            }
+            Err(e) => e,
+        };
+        if stop.fired() {
+            return;
+        }
+        cluster.down(Side::Publishing, &failed);
+        cluster.drop_queued(queue);
+        let retry = after(backoff.next());
+        loop {
+            select! {
+                recv(queue) -> batch => match batch {
+                    Ok(batch) => { cluster.counters.dropped.fetch_add(batch.len() as u64, Relaxed); }
+                    Err(_) => return,
+                },
+                recv(retry) -> _ => break,
+                recv(stop.channel()) -> _ => return,
+            }
+        }
+    }
+}
+
+/// Publishes batches from `queue` until stopped (Ok is never returned: the error that ended the
+/// connection is).
+fn send_batches(
+    cluster: &Cluster,
+    stop: &Stop,
+    queue: &Receiver<Batch>,
+    con: &mut redis::Connection,
+    pipe: &mut redis::Pipeline,
+    channel: &[u8],
+) -> redis::RedisError {
+    let mut losses = cluster.losses.load(Acquire);
+    loop {
+        let first = select! {
+            recv(queue) -> batch => batch,
+            recv(stop.channel()) -> _ => Err(crossbeam_channel::RecvError),
+        };
+        let Ok(first) = first else {
+            return redis::RedisError::from(std::io::Error::other("stopped"));
+        };
+        // The subscribed connection failed since this one was made: Redis may have restarted,
+        // and this connection died with it unseen. A new one carries the batch, rather than the
+        // batch finding out.
+        if cluster.losses.load(Acquire) != losses {
+            losses = cluster.losses.load(Acquire);
+            match cluster.connect() {
+                Ok(new) => *con = new,
+                Err(e) => {
+                    cluster
+                        .counters
+                        .dropped
+                        .fetch_add(first.len() as u64, Relaxed);
+                    return e;
+                }
+            }
+        }
+        pipe.clear();
+        let mut n = 0u64;
+        let more = queue.try_iter().take(PIPELINE);
+        for envelope in std::iter::once(first).chain(more).flatten() {
+            pipe.publish(channel, envelope).ignore();
+            n += 1;
+        }
+        match pipe.exec(con) {
+            Ok(()) => cluster.counters.published.fetch_add(n, Relaxed),
+            Err(e) => {
+                cluster.counters.dropped.fetch_add(n, Relaxed);
+                return e;
+            }
+        };
+    }
+}
+
+/// The subscriber thread: connects and subscribes, then hands each envelope from another
+/// server to the fan-out as its `ack:` datagram. Looks at the stop signal every `POLL`.
+pub(super) fn subscribe(cluster: &Cluster, stop: &Stop, fanout: &Sender<Job>) {
+    let mut backoff = Backoff::new();
+    let mut malformed = Throttle::default();
+    while !stop.fired() {
+        let failed = match cluster.connect() {
+            Ok(mut con) => {
+                let e = receive(
+                    cluster,
+                    stop,
+                    fanout,
+                    &mut con,
+                    &mut backoff,
+                    &mut malformed,
+                );
+                cluster.subscribed.store(false, Release);
+                e
+            }
+            Err(e) => e,
+        };
+        if stop.fired() {
+            return;
+        }
+        cluster.down(Side::Subscribed, &failed);
+        select! {
+            recv(after(backoff.next())) -> _ => {},
+            recv(stop.channel()) -> _ => return,
+        }
+    }
+}
+
+/// Subscribes on `con` and fans out what comes, until the connection fails or the server stops.
+fn receive(
+    cluster: &Cluster,
+    stop: &Stop,
+    fanout: &Sender<Job>,
+    con: &mut redis::Connection,
+    backoff: &mut Backoff,
+    malformed: &mut Throttle,
+) -> redis::RedisError {
+    let mut pubsub = con.as_pubsub();
+    if let Err(e) = pubsub.subscribe(&cluster.config.channel) {
+        return e;
+    }
+    if let Err(e) = pubsub.set_read_timeout(Some(POLL)) {
+        return e;
+    }
+    cluster.up(Side::Subscribed);
+    *backoff = Backoff::new();
+    while !stop.fired() {
+        let message = match pubsub.get_message() {
+            Ok(message) => message,
+            Err(e) if e.is_timeout() => continue,
+            Err(e) => return e,
+        };
+        let data = message.get_payload_bytes();
+        let envelope = match envelope::read(data) {
+            Ok(envelope) => envelope,
+            Err(why) => {
+                cluster.counters.malformed.fetch_add(1, Relaxed);
+                throttled!(
+                    malformed,
+                    warn,
+                    target: LOG_TARGET,
+                    "dropped a message on channel {:?} that is not a udpchat envelope ({why:?}, \
+                     {} bytes)",
+                    cluster.config.channel,
+                    data.len()
+                );
+                continue;
+            }
+        };
+        if envelope.server == cluster.id {
+            continue; // this server's own: its clients have had it
+        }
+        let mut datagram = Vec::new();
+        protocol::write_ack(&mut datagram, envelope.origin, envelope.payload);
+        select! {
+            send(fanout, vec![datagram]) -> sent => if sent.is_err() { break },
+            recv(stop.channel()) -> _ => break,
+        }
+        cluster.counters.received.fetch_add(1, Relaxed);
+    }
+    redis::RedisError::from(std::io::Error::other("stopped"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_never_show_a_password() {
+        let cases = [
+            ("redis://:secret@host:6379/0", "redis://:***@host:6379/0"),
+            ("redis://user:secret@host", "redis://user:***@host"),
+            ("rediss://user@host", "rediss://***@host"),
+            ("redis://host:6379", "redis://host:6379"),
+            ("redis://a:b@c@host/0", "redis://a:***@host/0"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(without_password(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn urls_the_client_cannot_use_are_refused() {
+        for url in ["http://host", "redis://:notaport", "", "redis://host:99999"] {
+            assert!(
+                matches!(ClusterConfig::new(url, "c"), Err(Error::Invalid(_))),
+                "{url}"
+            );
+        }
+        assert!(ClusterConfig::new("redis://127.0.0.1:6379/1", "c").is_ok());
+        assert!(matches!(
+            ClusterConfig::new("redis://127.0.0.1", ""),
+            Err(Error::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn backoff_doubles_to_two_seconds() {
+        let mut b = Backoff::new();
+        let waits: Vec<u64> = (0..7).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+    }
+}
