@@ -1680,10 +1680,35 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds each live thread of a process has run, by name, to the nanosecond
+    (/proc/PID/task/TID/schedstat; /proc's user and system times count 10 ms ticks). The
+    kernel keeps 15 bytes of a name: the core's `udpchat-cluster-pub` and `-sub` both read
+    `udpchat-cluster`, so they are told apart by the order they were started in (publisher
+    first: `Server::start_cluster`)."""
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            name = (task / "comm").read_text().strip()
+            ran = int((task / "schedstat").read_text().split()[0]) / 1e9
+            threads.append((int(task.name), name, ran))
+    out: dict[str, float] = {}
+    cluster = iter(["cluster-pub", "cluster-sub"])
+    for _, name, ran in sorted(threads):
+        if name == "udpchat-cluster":
+            name = next(cluster, name)
+        out[name] = out.get(name, 0.0) + ran
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    """User and system CPU time a process has used so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds a process's live threads have run (see `thread_cpu`)."""
+    return sum(thread_cpu(pid).values())
+
+
+def per_thread(before: dict[str, float], after: dict[str, float], n: float) -> dict[str, float]:
+    """µs of CPU each thread ran between two `thread_cpu`s, per one of `n` things."""
+    return {k: (v - before.get(k, 0.0)) / max(n, 1) * 1e6 for k, v in after.items()}
 
 
 class PythonRelay:
@@ -1857,13 +1882,26 @@ def cluster_fanout(seconds: float, runs: int) -> float:
     second server on the channel (no clients), whose work shares the 2 cores."""
     kinds = ["standalone", "cluster", "cluster+peer"]
 
+    threads: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+
     def measure(kind: str) -> dict[str, float]:
         with cluster_of(kind.split("+")[0], 2 if "peer" in kind else 1) as (nodes, redis):
             published0 = redis.publications() if redis else 0
             relayed0 = nodes[0].stats()["broadcasts"]
+            cpu0 = thread_cpu(nodes[0].proc.pid)
+            redis0 = cpu_seconds(redis.pid) if redis else 0.0
+            peer0 = cpu_seconds(nodes[1].proc.pid) if len(nodes) > 1 else 0.0
             result = loadgen("throughput", nodes[0].address, 100, 4, 64, seconds)
             stats = nodes[0].stats()
-            result["relayed"] = stats["broadcasts"] - relayed0
+            result["relayed"] = relayed = stats["broadcasts"] - relayed0
+            # Per message relayed: each thread of the server, and Redis and the peer.
+            cpu = per_thread(cpu0, thread_cpu(nodes[0].proc.pid), relayed)
+            if redis:
+                cpu["Redis"] = (cpu_seconds(redis.pid) - redis0) / max(relayed, 1) * 1e6
+            if len(nodes) > 1:
+                cpu["peer"] = (cpu_seconds(nodes[1].proc.pid) - peer0) / max(relayed, 1) * 1e6
+            threads[kind].append(cpu)
+            result["cpu_us"] = sum(v for k, v in cpu.items() if k not in ("Redis", "peer"))
             result["published"] = redis.publications() - published0 if redis else 0
             result["dropped"] = stats.get("cluster_dropped", 0)
             return result
@@ -1896,6 +1934,40 @@ def cluster_fanout(seconds: float, runs: int) -> float:
             ]
         ],
     )
+    names = ["udpchat-srv-rx", "udpchat-srv-tx", "cluster-pub", "cluster-sub"]
+    rows = []
+    for kind in kinds:
+        cpu = {k: statistics.median(r.get(k, 0.0) for r in threads[kind]) for k in threads[kind][0]}
+        server = sum(v for k, v in cpu.items() if k not in ("Redis", "peer"))
+        rest = server - sum(cpu.get(n, 0.0) for n in names)
+        rows.append(
+            [
+                kind,
+                *(f"{cpu[n]:.2f}" if n in cpu else "-" for n in names),
+                f"{rest:.2f}",
+                f"{server:.1f}",
+                f"{cpu['Redis']:.2f}" if "Redis" in cpu else "-",
+                f"{cpu['peer']:.2f}" if "peer" in cpu else "-",
+                " ".join(f"{r['cpu_us']:.1f}" for r in results[kind]),
+            ]
+        )
+    table(
+        "Cluster: the fan-out's CPU, µs per message relayed (each thread's run time, medians; "
+        "a message is 100 deliveries)",
+        [
+            "server",
+            "receiver (srv-rx)",
+            "fan-out (srv-tx)",
+            "cluster publisher",
+            "cluster subscriber",
+            "other threads",
+            "server in all",
+            "Redis",
+            "peer server",
+            "server in all, per run",
+        ],
+        rows,
+    )
     return fanout
 
 
@@ -1908,6 +1980,9 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
 
     rows, cpu_rows = [], []
     CPU_OF = ["A", "B", "Redis", "loadgen"]
+    threads: dict[tuple[int, str], list[dict[str, float]]] = {
+        (nb, kind): [] for nb in CROSS_CLIENTS for kind in ["same server", *kinds]
+    }
     relays = [k for k in kinds if k.startswith("relay") and "cluster" in kinds]
     for nb in CROSS_CLIENTS:
 
@@ -1919,6 +1994,7 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
                 if redis is not None:
                     pids["Redis"] = redis.pid
                 cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                threads0 = [thread_cpu(node.proc.pid) for node in nodes]
                 published0 = redis.publications() if redis else 0
                 children0, busy0, t0 = children_cpu(), machine_busy(), time.monotonic()
                 result = loadgen("cross", a.address, b.address, nb, 4, 64, seconds)
@@ -1932,6 +2008,15 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
                 arrived = max(result["delivered_total"] / nb, 1)
                 for name, used in cpu.items():
                     result[f"cpu_{name}"] = used / arrived * 1e6
+                threads[(nb, kind)].append(
+                    {
+                        f"{side} {thread}": us
+                        for side, node, before in zip("AB", nodes, threads0, strict=False)
+                        for thread, us in per_thread(
+                            before, thread_cpu(node.proc.pid), arrived
+                        ).items()
+                    }
+                )
                 sa, sb = a.stats(), b.stats()
                 result["dropped"] = sa.get("cluster_dropped", 0) + sa.get("relay_bridge_dropped", 0)
                 result["received"] = sb.get("cluster_received", sb.get("relay_received", 0))
@@ -1980,6 +2065,31 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
         header,
         rows,
     )
+    if "cluster" in kinds:
+        names = [
+            "A udpchat-srv-rx",
+            "A udpchat-srv-tx",
+            "A cluster-pub",
+            "A cluster-sub",
+            "B cluster-sub",
+            "B udpchat-srv-tx",
+            "B udpchat-srv-rx",
+        ]
+        thread_rows = []
+        for nb in CROSS_CLIENTS:
+            runs_ = threads[(nb, "cluster")]
+            thread_rows.append(
+                [
+                    f"{nb} on B",
+                    *(f"{statistics.median(r.get(n, 0.0) for r in runs_):.2f}" for n in names),
+                ]
+            )
+        table(
+            "Cluster: the cross-server path's threads, µs of CPU per message that crossed "
+            "(run time, medians)",
+            ["clients on B", *names],
+            thread_rows,
+        )
     table(
         "Cluster: CPU per message that crossed (µs, user + system, each whole process; cores "
         "busy: all four's CPU over the load generator's run, registration and warm-up included; "
