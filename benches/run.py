@@ -1976,7 +1976,8 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
     server B is counted (the load generator's `cross`), for 1, 10 and 100 clients on B. "same
     server": the same load generator with A and B one standalone server (the fan-out is to the
     4 senders and B's clients alike), what one server does without the hop. CPU: each process's
-    user + system time over the run, per message that reached B."""
+    over the run (`thread_cpu`; the load generator's user + system), per message that reached
+    B."""
 
     rows, cpu_rows = [], []
     CPU_OF = ["A", "B", "Redis", "loadgen"]
@@ -2091,9 +2092,10 @@ def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
             thread_rows,
         )
     table(
-        "Cluster: CPU per message that crossed (µs, user + system, each whole process; cores "
-        "busy: all four's CPU over the load generator's run, registration and warm-up included; "
-        "others': the rest of the machine's, other engineers' work)",
+        "Cluster: CPU per message that crossed (µs: the run time of all the threads of A, B and "
+        "Redis, the load generator's user + system; cores busy: all four's CPU over the load "
+        "generator's run, registration and warm-up included; others': the rest of the machine's, "
+        "other engineers' work)",
         ["clients on B", "server", *CPU_OF, "in all", "cores busy", "others' cores"],
         cpu_rows,
     )
