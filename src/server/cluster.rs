@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::fanout::Job;
 use super::stats::Stats;
@@ -47,6 +47,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the subscriber, waiting for a message, looks at the stop signal: the most a stop
 /// waits for it.
 const POLL: Duration = Duration::from_millis(20);
+/// How long the subscribed connection may be quiet before the subscriber pings Redis.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Where the cluster meets: a Redis server and a channel.
 #[derive(Clone)]
@@ -248,6 +250,9 @@ impl Cluster {
         let (shown, channel) = (&self.config.shown, &self.config.channel);
         let mut logged = lock(&self.logged);
         let connected = self.connected();
+        if failure.is_none() && !connected {
+            return; // one connection up, the other not yet: nothing has changed
+        }
         if *logged == Some(connected) {
             if let Some((side, e)) = failure {
                 debug!(target: LOG_TARGET, "{side} connection to {shown}: {e}");
@@ -256,8 +261,9 @@ impl Cluster {
         }
         let first = logged.replace(connected).is_none();
         drop(logged);
+        // A failure leaves the cluster disconnected: its side's flag is down.
         match failure {
-            _ if connected => info!(
+            None => info!(
                 target: LOG_TARGET,
                 "connected to {shown}, channel {channel:?}, as server {:016x}", self.id
             ),
@@ -271,7 +277,6 @@ impl Cluster {
                 "lost Redis at {shown} ({side} connection: {e}); serving this server's clients \
                  only, and reconnecting"
             ),
-            None => {}
         }
     }
 
@@ -304,15 +309,21 @@ impl Backoff {
 pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     let channel = cluster.config.channel.as_bytes();
     let mut backoff = Backoff::new();
-    let mut pipe = redis::pipe();
+    let mut pipeline = Vec::new();
     loop {
-        let failed = match cluster.connect() {
+        // A command answered, not only a connection made: a Redis that wants a password the
+        // URL does not give accepts the connection and refuses every command.
+        let ready = cluster.connect().and_then(|mut con| {
+            redis::cmd("PING").query::<()>(&mut con)?;
+            Ok(con)
+        });
+        let failed = match ready {
             Ok(mut con) => {
                 // Nothing queued before this connection is sent late.
                 cluster.drop_queued(queue);
                 cluster.up(Side::Publishing);
                 backoff = Backoff::new();
-                let e = send_batches(cluster, stop, queue, &mut con, &mut pipe, channel);
+                let e = send_batches(cluster, stop, queue, &mut con, &mut pipeline, channel);
                 cluster.publishing.store(false, Release);
                 e
             }
@@ -337,14 +348,13 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     }
 }
 
-/// Publishes batches from `queue` until stopped (Ok is never returned: the error that ended the
-/// connection is).
+/// Publishes batches from `queue` until the connection fails or the server stops; returns why.
 fn send_batches(
     cluster: &Cluster,
     stop: &Stop,
     queue: &Receiver<Batch>,
     con: &mut redis::Connection,
-    pipe: &mut redis::Pipeline,
+    pipeline: &mut Vec<u8>,
     channel: &[u8],
 ) -> redis::RedisError {
     let mut losses = cluster.losses.load(Acquire);
@@ -372,21 +382,48 @@ fn send_batches(
                 }
             }
         }
-        pipe.clear();
-        let mut n = 0u64;
+        pipeline.clear();
+        let mut n = 0;
         let more = queue.try_iter().take(PIPELINE);
         for envelope in std::iter::once(first).chain(more).flatten() {
-            pipe.publish(channel, envelope).ignore();
+            write_publish(pipeline, channel, &envelope);
             n += 1;
         }
-        match pipe.exec(con) {
-            Ok(()) => cluster.counters.published.fetch_add(n, Relaxed),
+        match exec(con, pipeline, n) {
+            Ok(()) => cluster.counters.published.fetch_add(n as u64, Relaxed),
             Err(e) => {
-                cluster.counters.dropped.fetch_add(n, Relaxed);
+                cluster.counters.dropped.fetch_add(n as u64, Relaxed);
                 return e;
             }
         };
     }
+}
+
+/// Appends `PUBLISH channel message` to `out`, as the Redis protocol (RESP) writes a command.
+fn write_publish(out: &mut Vec<u8>, channel: &[u8], message: &[u8]) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "*3\r\n$7\r\nPUBLISH\r\n${}\r\n", channel.len());
+    out.extend_from_slice(channel);
+    let _ = write!(out, "\r\n${}\r\n", message.len());
+    out.extend_from_slice(message);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Sends `count` commands packed in `pipeline` and reads their replies, failing at the first
+/// error or once `IO_TIMEOUT` has passed (the crate's own pipelines wait a timeout for each
+/// reply, and go on after an error, so a Redis that stops answering would hold the publisher
+/// for a second per command).
+fn exec(con: &mut redis::Connection, pipeline: &[u8], count: usize) -> redis::RedisResult<()> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    con.send_packed_command(pipeline)?;
+    for _ in 0..count {
+        con.recv_response()?.extract_error()?;
+        if Instant::now() > deadline {
+            return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+        }
+    }
+    Ok(())
 }
 
 /// The subscriber thread: connects and subscribes, then hands each envelope from another
@@ -430,21 +467,52 @@ fn receive(
     backoff: &mut Backoff,
     malformed: &mut Throttle,
 ) -> redis::RedisError {
-    let mut pubsub = con.as_pubsub();
-    if let Err(e) = pubsub.subscribe(&cluster.config.channel) {
+    // Subscribed by hand: the crate's `PubSub::subscribe` takes an error reply (NOAUTH, NOPERM)
+    // for a subscription.
+    let subscribe = redis::cmd("SUBSCRIBE")
+        .arg(&cluster.config.channel)
+        .query::<redis::Value>(con);
+    if let Err(e) = subscribe {
         return e;
     }
+    let mut pubsub = con.as_pubsub();
+    let e = listen(cluster, stop, fanout, &mut pubsub, backoff, malformed);
+    // The connection is not used again: dropping `pubsub` unsubscribes, and need not wait for
+    // the answer of a Redis that may be gone.
+    let _ = pubsub.set_read_timeout(Some(Duration::from_millis(1)));
+    e
+}
+
+/// Fans out what comes on the subscribed connection until it fails or the server stops.
+fn listen(
+    cluster: &Cluster,
+    stop: &Stop,
+    fanout: &Sender<Job>,
+    pubsub: &mut redis::PubSub<'_>,
+    backoff: &mut Backoff,
+    malformed: &mut Throttle,
+) -> redis::RedisError {
     if let Err(e) = pubsub.set_read_timeout(Some(POLL)) {
         return e;
     }
     cluster.up(Side::Subscribed);
     *backoff = Backoff::new();
+    let mut heard = Instant::now();
     while !stop.fired() {
         let message = match pubsub.get_message() {
             Ok(message) => message,
-            Err(e) if e.is_timeout() => continue,
+            Err(e) if e.is_timeout() => {
+                if heard.elapsed() >= KEEPALIVE {
+                    if let Err(e) = ping(pubsub) {
+                        return e;
+                    }
+                    heard = Instant::now();
+                }
+                continue;
+            }
             Err(e) => return e,
         };
+        heard = Instant::now();
         let data = message.get_payload_bytes();
         let envelope = match envelope::read(data) {
             Ok(envelope) => envelope,
@@ -474,6 +542,16 @@ fn receive(
         cluster.counters.received.fetch_add(1, Relaxed);
     }
     redis::RedisError::from(std::io::Error::other("stopped"))
+}
+
+/// Asks a quiet Redis whether it is still there, waiting up to `IO_TIMEOUT` for the answer: a
+/// Redis that froze, or a network that broke without a word, would otherwise leave the
+/// subscriber waiting for messages that never come, and `cluster_connected` true.
+fn ping(pubsub: &mut redis::PubSub<'_>) -> redis::RedisResult<()> {
+    pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+    // Messages that come first are kept for `get_message`.
+    pubsub.ping::<redis::Value>()?;
+    pubsub.set_read_timeout(Some(POLL))
 }
 
 #[cfg(test)]
@@ -507,6 +585,19 @@ mod tests {
             ClusterConfig::new("redis://127.0.0.1", ""),
             Err(Error::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn a_publish_is_packed_as_the_redis_client_packs_it() {
+        let mut out = Vec::new();
+        write_publish(&mut out, b"udpchat", b"\x01 \r\n");
+        write_publish(&mut out, b"", b"");
+        let mut expected = redis::cmd("PUBLISH")
+            .arg(&b"udpchat"[..])
+            .arg(&b"\x01 \r\n"[..])
+            .get_packed_command();
+        expected.extend(redis::cmd("PUBLISH").arg("").arg("").get_packed_command());
+        assert_eq!(out, expected);
     }
 
     #[test]
