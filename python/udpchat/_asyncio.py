@@ -35,6 +35,10 @@ T = TypeVar("T")
 
 # Items a receive may take, without waiting, before the next receive yields to the loop once.
 _YIELD_AFTER = 256
+# Added to the wait of a pending send for the time a blocking send() would wait: uvloop's
+# timers count whole milliseconds and can fire up to one early, and a wait that ends before
+# its time only tries again, and again, until it is.
+_TIMER_SLACK = 0.001
 
 
 class _Queue(Protocol[T]):
@@ -346,7 +350,7 @@ async def _send_when_writable(pending: _PendingSend) -> None:
         future: asyncio.Future[None] = loop.create_future()
         loop.add_writer(fd, _wake, future)
         loop.add_reader(stop, _wake, future)
-        timer = loop.call_later(pending.left(), _wake, future)
+        timer = loop.call_later(pending.left() + _TIMER_SLACK, _wake, future)
         try:
             await future
         finally:
