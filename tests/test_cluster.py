@@ -583,7 +583,6 @@ def malformed_messages() -> dict[str, bytes]:
     longest6 = MAX_DATAGRAM - len(ack(("::1", 40000), b""))
     return {
         "foreign text": b"hello",
-        "empty": b"",
         "version 0": bytes([0]) + good[1:],
         "version 2": envelope(("127.0.0.1", 40000), b"payload", version=2),
         "version 255": bytes([255]) + good[1:],
@@ -1177,7 +1176,9 @@ def test_a_password_in_the_url(
     assert wait_until(lambda: wrong.stats()["cluster_dropped"] == 1)
 
 
-@pytest.mark.parametrize("who", ["no password", "a user barred from the channel"])
+@pytest.mark.parametrize(
+    "who", ["no password", "a user barred from the channel", "a user who may not publish"]
+)
 def test_a_subscription_redis_refuses_is_not_connected(
     who: str, make_redis: MakeRedis, make_member: MakeMember
 ) -> None:
@@ -1188,16 +1189,20 @@ def test_a_subscription_redis_refuses_is_not_connected(
     redis.command(
         "ACL", "SETUSER", "barred", "on", ">pw", "~*", "resetchannels", "&elsewhere", "+@all"
     )
+    # May subscribe and PING, not PUBLISH: the publishing connection is refused at its check.
+    redis.command("ACL", "SETUSER", "mute", "on", ">pw", "~*", "allchannels", "+@all", "-publish")
     port = redis.port
     url = {
         "no password": f"redis://127.0.0.1:{port}",
         "a user barred from the channel": f"redis://barred:pw@127.0.0.1:{port}",
+        "a user who may not publish": f"redis://mute:pw@127.0.0.1:{port}",
     }[who]
     refused = make_member(url)
     good = make_member(redis.url)
     wait_connected(good)
     time.sleep(1.0)  # the first attempt and a few retries
-    assert redis.numsub("udpchat") == 1  # the good server only
+    subscribed = 2 if who == "a user who may not publish" else 1
+    assert redis.numsub("udpchat") == subscribed
     stats = cluster_stats(refused)
     assert stats["cluster_connected"] is False and stats["cluster_errors"] >= 2, stats
 

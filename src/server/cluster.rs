@@ -54,10 +54,16 @@ const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the subscriber, waiting for a message, looks at the stop signal: the most a stop
 /// waits for it.
 const POLL: Duration = Duration::from_millis(20);
-/// How long a connection may be quiet before its thread pings Redis: a Redis that froze, a
-/// network that broke without a word, or an idle connection Redis or a NAT closed, is found out
-/// then rather than by the next message.
+/// How long the publishing connection may be quiet before the publisher pings Redis: a Redis
+/// that froze, a network that broke without a word, or an idle connection Redis or a NAT
+/// closed, is found out then rather than by the next message (and `cluster_connected` turns
+/// false). The subscribed connection is not pinged (the crate's ping there keeps every message
+/// that comes before the answer, without bound): the kernel's TCP keepalive probes it.
 const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A publishing connection quiet this long is pinged before a pipeline is written to it: one
+/// round trip for the first message after a pause, rather than the message finding the
+/// connection closed (CLIENT KILL, Redis's `timeout`) and being dropped.
+const QUIET: Duration = Duration::from_millis(100);
 
 /// Where the cluster meets: a Redis server and a channel.
 #[derive(Clone)]
@@ -85,7 +91,17 @@ impl ClusterConfig {
         // subscriber reads RESP2's messages, whatever `?protocol=` says.
         let settings = info.redis_settings().clone().set_db(0);
         let settings = settings.set_protocol(redis::ProtocolVersion::RESP2);
-        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(invalid)?;
+        // TCP keepalive: a subscribed connection whose peer or path is gone fails within about
+        // 8 s, and a NAT does not forget it while it is quiet.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(5))
+            .with_interval(Duration::from_secs(1))
+            .with_retries(3);
+        let tcp = redis::io::tcp::TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(keepalive);
+        let info = info.set_redis_settings(settings).set_tcp_settings(tcp);
+        let client = redis::Client::open(info).map_err(invalid)?;
         if let redis::ConnectionAddr::TcpTls { insecure, .. } = client.get_connection_info().addr()
         {
             // `rediss://...#insecure` asks for no certificate checks, which this build does not
@@ -120,36 +136,63 @@ fn install_crypto_provider() {
 }
 
 /// `url` with its passwords replaced by `***`: the user information's, and the query's `pass`
-/// or `password` (as `unix:` URLs give it).
+/// or `password` (as `unix:` URLs give it). The user information ends at the last `@`, since a
+/// password may hold `/`, `?` or `@` unencoded (the URL then may not parse, and its error shows
+/// it too); `unix:` URLs have none.
 fn without_password(url: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((head, query)) => (head, Some(query)),
-        None => (url, None),
+    let (scheme, start) = url.find("://").map_or(("", 0), |i| (&url[..i], i + 3));
+    let at = match scheme.ends_with("unix") {
+        true => None,
+        false => url[start..].rfind('@').map(|at| start + at),
     };
-    let start = head.find("://").map_or(0, |i| i + 3);
-    let end = head[start..].find('/').map_or(head.len(), |i| start + i);
-    let mut shown = match head[start..end].rfind('@') {
+    let (mut shown, rest) = match at {
         Some(at) => {
-            // With no colon, what there is may be a password too.
-            let user = head[start..start + at]
-                .split_once(':')
-                .map(|(user, _)| user);
-            let hidden = user.map_or("***".to_owned(), |user| format!("{user}:***"));
-            format!("{}{hidden}{}", &head[..start], &head[start + at..])
+            let hidden = match url[start..at].split_once(':') {
+                Some((user, _)) => format!("{user}:***"),
+                None => "***".to_owned(), // with no colon, what there is may be a password
+            };
+            (format!("{}{hidden}", &url[..start]), &url[at..])
         }
-        None => head.to_owned(),
+        None => (url[..start].to_owned(), &url[start..]),
     };
-    if let Some(query) = query {
-        let params: Vec<String> = query
-            .split('&')
-            .map(|param| match param.split_once('=') {
-                Some((key, _)) if ["pass", "password"].contains(&key) => format!("{key}=***"),
-                _ => param.to_owned(),
-            })
-            .collect();
-        shown = format!("{shown}?{}", params.join("&"));
+    match rest.split_once('?') {
+        Some((path, query)) => {
+            let hide = |key: &str| ["pass", "password"].contains(&percent_decoded(key).as_str());
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if hide(key) => format!("{key}=***"),
+                    _ => param.to_owned(),
+                })
+                .collect();
+            shown = format!("{shown}{path}?{}", params.join("&"));
+        }
+        None => shown.push_str(rest),
     }
     shown
+}
+
+/// `text` with its `%XX` escapes decoded, as the Redis client reads a query's keys.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Envelopes from one received batch, published together.
@@ -197,9 +240,8 @@ pub(super) struct Cluster {
     /// How many times the subscribed connection failed: the publisher, which finds a dead
     /// connection only by writing to it, reconnects when this changes.
     losses: AtomicU64,
-    /// `cluster_connected` as last logged (None until the first connection or failure): each
-    /// change is logged once.
-    logged: Mutex<Option<bool>>,
+    /// What the log has said of `cluster_connected`: each change is logged once.
+    logged: Mutex<Logged>,
     counters: Counters,
 }
 
@@ -219,7 +261,7 @@ impl Cluster {
             stopped: AtomicBool::new(false),
             losses: AtomicU64::new(0),
             queued_bytes: AtomicUsize::new(0),
-            logged: Mutex::new(None),
+            logged: Mutex::default(),
             counters: Counters::default(),
         };
         Ok((cluster, publications))
@@ -268,7 +310,7 @@ impl Cluster {
 
     /// At stop: `cluster_connected` is false from then on, whatever a thread still ending does.
     pub(super) fn disconnected(&self) {
-        *lock(&self.logged) = Some(false);
+        lock(&self.logged).connected = Some(false);
         self.stopped.store(true, Release);
     }
 
@@ -295,6 +337,19 @@ impl Cluster {
             Side::Publishing => &self.publishing,
             Side::Subscribed => &self.subscribed,
         }
+    }
+
+    /// A publishing connection, once Redis has accepted a PUBLISH on it (an empty message, which
+    /// subscribers skip): not only a connection made, since a Redis that wants a password the
+    /// URL does not give, or a user not allowed to publish on the channel, accepts the
+    /// connection and refuses every PUBLISH.
+    fn ready(&self) -> redis::RedisResult<redis::Connection> {
+        let mut con = self.connect()?;
+        redis::cmd("PUBLISH")
+            .arg(&self.config.channel)
+            .arg(&b""[..])
+            .query::<redis::Value>(&mut con)?;
+        Ok(con)
     }
 
     fn connect(&self) -> redis::RedisResult<redis::Connection> {
@@ -327,19 +382,52 @@ impl Cluster {
         if failure.is_none() && !connected {
             return; // one connection up, the other not yet: nothing has changed
         }
-        if *logged == Some(connected) {
+        let now = Instant::now();
+        let quiet = logged.flapping;
+        if logged.connected == Some(connected) {
             if let Some((side, e)) = failure {
                 debug!(target: LOG_TARGET, "{side} connection to {shown}: {e}");
             }
             return;
         }
-        let first = logged.replace(connected).is_none();
+        let first = logged.connected.replace(connected).is_none();
+        // Lost within `STABLE` of connecting, twice running: said once, then each change at
+        // DEBUG until a connection stays up that long, so a Redis that drops a connection as
+        // soon as it is made does not fill the log.
+        if connected {
+            logged.up_since = Some(now);
+        } else if logged
+            .up_since
+            .is_some_and(|since| now.saturating_duration_since(since) < STABLE)
+        {
+            logged.short_losses += 1;
+        } else {
+            (logged.short_losses, logged.flapping) = (0, false);
+        }
+        let flap = !connected && logged.short_losses >= 2;
+        let announce_flap = flap && !logged.flapping;
+        logged.flapping |= flap;
         drop(logged);
         // A failure leaves the cluster disconnected: its side's flag is down.
         match failure {
+            None if quiet => debug!(
+                target: LOG_TARGET,
+                "connected to {shown} again, channel {channel:?}"
+            ),
             None => info!(
                 target: LOG_TARGET,
                 "connected to {shown}, channel {channel:?}, as server {:016x}", self.id
+            ),
+            Some((side, e)) if announce_flap => warn!(
+                target: LOG_TARGET,
+                "Redis at {shown} drops the {side} connection soon after it is made ({e}); \
+                 reconnecting every 2 s at most, logged at DEBUG until a connection stays up \
+                 {} s",
+                STABLE.as_secs()
+            ),
+            Some((side, e)) if flap => debug!(
+                target: LOG_TARGET,
+                "lost Redis at {shown} again ({side} connection: {e})"
             ),
             Some((side, e)) if first => warn!(
                 target: LOG_TARGET,
@@ -358,6 +446,20 @@ impl Cluster {
     fn drop_queued(&self, queue: &Receiver<Batch>) {
         queue.try_iter().for_each(|batch| self.discard(batch));
     }
+}
+
+/// What the log has said of the cluster's connection.
+#[derive(Default)]
+struct Logged {
+    /// `cluster_connected` as last logged; None until the first connection or failure.
+    connected: Option<bool>,
+    /// When it was last logged connected.
+    up_since: Option<Instant>,
+    /// Losses in a row each within `STABLE` of connecting.
+    short_losses: u32,
+    /// A loss soon after connecting has been logged: changes go to DEBUG until a connection
+    /// stays up for `STABLE`.
+    flapping: bool,
 }
 
 fn bytes(batch: &Batch) -> usize {
@@ -406,13 +508,7 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     let mut backoff = Backoff::new();
     let mut pipeline = Vec::new();
     loop {
-        // A command answered, not only a connection made: a Redis that wants a password the
-        // URL does not give accepts the connection and refuses every command.
-        let ready = cluster.connect().and_then(|mut con| {
-            redis::cmd("PING").query::<()>(&mut con)?;
-            Ok(con)
-        });
-        let failed = match ready {
+        let failed = match cluster.ready() {
             Ok(mut con) => {
                 // Nothing queued before this connection is sent late.
                 cluster.drop_queued(queue);
@@ -452,25 +548,28 @@ fn send_batches(
     pipeline: &mut Vec<u8>,
     channel: &[u8],
 ) -> redis::RedisError {
+    let ping = |con: &mut redis::Connection| redis::cmd("PING").query::<()>(con);
     let mut losses = cluster.losses.load(Acquire);
+    let mut heard = Instant::now();
     loop {
         let first = select! {
             recv(queue) -> batch => batch.map(|batch| cluster.taken(batch)),
             recv(stop.channel()) -> _ => Err(crossbeam_channel::RecvError),
-            default(KEEPALIVE) => match redis::cmd("PING").query::<()>(con) {
-                Ok(()) => continue,
+            default(KEEPALIVE) => match ping(con) {
+                Ok(()) => { heard = Instant::now(); continue },
                 Err(e) => return e,
             },
         };
         let Ok(first) = first else {
             return redis::RedisError::from(std::io::Error::other("stopped"));
         };
-        // The subscribed connection failed since this one was made: Redis may have restarted,
-        // and this connection died with it unseen. A new one carries the batch, rather than the
-        // batch finding out.
-        if cluster.losses.load(Acquire) != losses {
-            losses = cluster.losses.load(Acquire);
-            match cluster.connect() {
+        // The subscribed connection failed since this one was made (Redis may have restarted,
+        // and this connection died with it unseen), or this one has been quiet: it is checked,
+        // and a new one carries the batch if it is gone, rather than the batch finding out.
+        let lost = cluster.losses.load(Acquire);
+        if (lost != losses || heard.elapsed() >= QUIET) && ping(con).is_err() {
+            cluster.counters.errors.fetch_add(1, Relaxed);
+            match cluster.ready() {
                 Ok(new) => *con = new,
                 Err(e) => {
                     cluster
@@ -481,6 +580,7 @@ fn send_batches(
                 }
             }
         }
+        losses = lost;
         // The buffer keeps what one pipeline needs, not what the largest ever took.
         pipeline.clear();
         pipeline.shrink_to(PIPELINE_BYTES);
@@ -500,7 +600,10 @@ fn send_batches(
             }
         }
         match exec(con, pipeline, n) {
-            Ok(()) => cluster.counters.published.fetch_add(n as u64, Relaxed),
+            Ok(()) => {
+                heard = Instant::now();
+                cluster.counters.published.fetch_add(n as u64, Relaxed)
+            }
             Err(e) => {
                 cluster.counters.dropped.fetch_add(n as u64, Relaxed);
                 return e;
@@ -607,23 +710,16 @@ fn listen(
     }
     cluster.up(Side::Subscribed);
     backoff.up(Instant::now());
-    let mut heard = Instant::now();
     while !stop.fired() {
         let message = match pubsub.get_message() {
             Ok(message) => message,
-            Err(e) if e.is_timeout() => {
-                if heard.elapsed() >= KEEPALIVE {
-                    if let Err(e) = ping(pubsub) {
-                        return e;
-                    }
-                    heard = Instant::now();
-                }
-                continue;
-            }
+            Err(e) if e.is_timeout() => continue,
             Err(e) => return e,
         };
-        heard = Instant::now();
         let data = message.get_payload_bytes();
+        if data.is_empty() {
+            continue; // a publisher's check of its new connection
+        }
         let envelope = match envelope::read(data) {
             Ok(envelope) => envelope,
             Err(why) => {
@@ -654,16 +750,6 @@ fn listen(
     redis::RedisError::from(std::io::Error::other("stopped"))
 }
 
-/// Asks a quiet Redis whether it is still there, waiting up to `IO_TIMEOUT` for the answer: a
-/// Redis that froze, or a network that broke without a word, would otherwise leave the
-/// subscriber waiting for messages that never come, and `cluster_connected` true.
-fn ping(pubsub: &mut redis::PubSub<'_>) -> redis::RedisResult<()> {
-    pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
-    // Messages that come first are kept for `get_message`.
-    pubsub.ping::<redis::Value>()?;
-    pubsub.set_read_timeout(Some(POLL))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,6 +774,9 @@ mod tests {
                 "redis://:pw@host/0?password=pw",
                 "redis://:***@host/0?password=***",
             ),
+            ("unix:///s.sock?pa%73s=secret", "unix:///s.sock?pa%73s=***"),
+            ("redis://:s3c?ret@host:6379", "redis://:***@host:6379"),
+            ("redis://:s3c/ret@host:6379/0", "redis://:***@host:6379/0"),
         ];
         for (url, shown) in cases {
             assert_eq!(without_password(url), shown, "{url}");
