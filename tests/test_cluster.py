@@ -492,6 +492,26 @@ def test_only_what_a_server_relays_is_published(
     assert cluster_stats(a)["cluster_published"] == 1
 
 
+def test_a_publishing_connection_killed_while_quiet_loses_nothing(
+    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+) -> None:
+    # CLIENT KILL (or Redis's `timeout`) closes the publishing connection between messages: the
+    # publisher checks a connection quiet for 100 ms before it writes, and the message goes out
+    # on a new one rather than being dropped.
+    a, b = make_member(redis.url), make_member(redis.url)
+    wait_connected(a, b)
+    ia, ib = make_inbox(), make_inbox()
+    join(ia, a)
+    join(ib, b)
+    for i in range(3):
+        redis.command("CLIENT", "KILL", "TYPE", "normal")  # not the subscribed connections
+        time.sleep(0.2)  # past the 100 ms check, well before the 1 s keepalive's PING
+        ia.send(b"after a kill %d" % i, a.address)
+        assert ib.wait(i + 1), (ib.got(), cluster_stats(a))
+    assert ib.got() == [ack(ia.address, b"after a kill %d" % i) for i in range(3)]
+    assert cluster_stats(a)["cluster_dropped"] == 0
+
+
 def test_presence_stays_per_server(
     redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
 ) -> None:
