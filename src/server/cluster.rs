@@ -10,7 +10,7 @@
 //! goes on serving its own clients; publications are dropped and counted, never kept to be sent
 //! late (at most once, as Redis pub/sub itself).
 
-use crossbeam_channel::{after, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{after, select, Receiver, Sender};
 use log::{debug, info, warn};
 use std::fmt;
 use std::net::SocketAddr;
@@ -35,7 +35,7 @@ pub const DEFAULT_CHANNEL: &str = "udpchat";
 
 /// Batches of envelopes (one per received batch) waiting for the publisher, at most, and
 /// their bytes at most. When Redis is slower than the chat, what does not fit is dropped and
-/// counted: the publisher is never more than a few milliseconds of a fast link behind.
+/// counted: the publisher is never more than tens of milliseconds of a fast link behind.
 const PUBLISH_QUEUE: usize = 256;
 const PUBLISH_QUEUE_BYTES: usize = 4 << 20;
 /// A pipeline takes queued batches until it holds this many envelopes or bytes.
@@ -238,7 +238,7 @@ pub(super) struct Cluster {
     /// The bytes of the envelopes queued for the publisher.
     queued_bytes: AtomicUsize,
     /// How many times the subscribed connection failed: the publisher, which finds a dead
-    /// connection only by writing to it, reconnects when this changes.
+    /// connection only by writing to it, checks its own before it writes when this changes.
     losses: AtomicU64,
     /// What the log has said of `cluster_connected`: each change is logged once.
     logged: Mutex<Logged>,
@@ -288,9 +288,7 @@ impl Cluster {
             self.counters.dropped.fetch_add(n, Relaxed);
             return;
         }
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
-            self.queue.try_send(batch)
-        {
+        if self.queue.try_send(batch).is_err() {
             self.queued_bytes.fetch_sub(bytes, Relaxed);
             self.counters.dropped.fetch_add(n, Relaxed);
         }
