@@ -527,8 +527,15 @@ def test_presence_stays_per_server(
     assert b.peers()[ib.address].messages == 0
     assert [(e.kind, e.addr) for e in b.events(timeout=0)] == [("join", ib.address)]
     assert a.stats()["clients"] == b.stats()["clients"] == 1
+
     # A server's other counters are its own, what came from the channel included (README).
-    assert (b.stats()["broadcasts"], b.stats()["deliveries"], b.stats()["received"]) == (1, 1, 1)
+    # Waited for: a delivery is counted once its sendmmsg has returned, which may be after the
+    # client has read it.
+    def counts() -> tuple[int, int, int]:
+        stats = b.stats()
+        return stats["broadcasts"], stats["deliveries"], stats["received"]
+
+    assert wait_until(lambda: counts() == (1, 1, 1)), counts()
 
 
 def test_stop_closes_the_redis_connections_and_a_restart_is_a_new_member(
