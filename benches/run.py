@@ -41,11 +41,14 @@ import json
 import logging
 import os
 import platform
+import resource
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -54,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
-    from udpchat import ChatClientUdp
+    from udpchat import ChatClientUdp, ChatServerUdp
 
 T = TypeVar("T")
 
@@ -63,7 +66,17 @@ EXAMPLES = ROOT / "target" / "release" / "examples"
 # How long a server or CPU burner started here lives at most, if nobody kills it first.
 LIFETIME = 600.0
 # The steps of a full run, in order; `--only` picks some.
-STEPS = ("fanout", "busy", "cores", "latency", "ingest", "registry", "presence", "asyncio")
+STEPS = (
+    "fanout",
+    "busy",
+    "cores",
+    "latency",
+    "ingest",
+    "registry",
+    "presence",
+    "asyncio",
+    "cluster",
+)
 # The Python whose udpchat the presence step compares against (`--before`).
 BEFORE: str | None = None
 
@@ -1524,6 +1537,778 @@ def aio_step(quick: bool, runs: int) -> None:
     )
 
 
+# --- cluster: servers joined through Redis pub/sub (issue 12) ---------------------------------
+
+# The channel of every cluster here (each measurement has a Redis of its own): the default.
+CHANNEL = "udpchat"
+# Bytes the core's envelope adds to a message from an IPv4 client (version, server id, family,
+# address, port): what Redis carries for a 64-byte message is 80 bytes.
+ENVELOPE = 16
+# The clients on server B in the cross-server rate: where the relay hop is the limit (1, 10)
+# and where B's fan-out is (100).
+CROSS_CLIENTS = (1, 10, 100)
+# Messages a second in the cross-server latency, from 10 of 100 clients on A, to 100 clients
+# on A and 100 on B: 100,000 deliveries a second in all, the latency step's load.
+CROSS_RATE = 500
+# redis-benchmark's connections and pipelining: one connection, as a server publishes on, and
+# redis-benchmark's default 50; one command at a time, 32, and 256 (the most the core's
+# publisher sends in one pipeline: whatever is queued when it writes, up to 256). Subscribers:
+# as many servers on the channel.
+REDIS_BENCH = [
+    (c, p, k) for c, p in ((1, 1), (1, 32), (1, 256), (50, 1), (50, 32)) for k in (0, 1, 4)
+] + [(50, 32, 16)]
+# Publications per redis-benchmark run, by pipelining: about a second's worth each.
+REDIS_BENCH_REQUESTS = {1: 50_000, 32: 1_000_000, 256: 1_500_000}
+
+
+def die_with_parent() -> None:
+    """(In a child, between fork and exec.) SIGKILL it when this script ends, however it ends:
+    redis-server has no lifetime of its own."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def redis_call(port: int, *args: str | bytes) -> object:
+    """One command to the Redis on 127.0.0.1:`port`, on a connection of its own; its answer
+    (RESP2 as str, int, bytes, list or None). An error answer raises RuntimeError."""
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    command = b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+        sock.sendall(command)
+        reader = sock.makefile("rb")
+
+        def reply() -> object:
+            line = reader.readline()
+            kind, rest = line[:1], line[1:].rstrip(b"\r\n")
+            if kind == b"+":
+                return rest.decode()
+            if kind == b"-":
+                raise RuntimeError(rest.decode())
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                return None if int(rest) < 0 else reader.read(int(rest) + 2)[:-2]
+            if kind == b"*":
+                return None if int(rest) < 0 else [reply() for _ in range(int(rest))]
+            raise RuntimeError(f"unexpected answer from Redis: {line!r}")
+
+        return reply()
+
+
+class Redis:
+    """A redis-server of this step: its port, pid and URL."""
+
+    def __init__(self, port: int, pid: int) -> None:
+        self.port, self.pid = port, pid
+        self.url = f"redis://127.0.0.1:{port}"
+
+    def publications(self) -> int:
+        """PUBLISH commands it has run (INFO commandstats)."""
+        info = redis_call(self.port, "INFO", "commandstats")
+        assert isinstance(info, bytes)
+        for line in info.decode().splitlines():
+            if line.startswith("cmdstat_publish:"):
+                return int(line.split("calls=")[1].split(",")[0])
+        return 0
+
+    def subscribers(self, channel: str = CHANNEL) -> int:
+        answer = redis_call(self.port, "PUBSUB", "NUMSUB", channel)
+        assert isinstance(answer, list)
+        return int(answer[1])
+
+    def wait_subscribers(self, count: int, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.subscribers() < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.subscribers()} of {count} servers subscribed")
+            time.sleep(0.01)
+
+
+@contextmanager
+def redis_server() -> Iterator[Redis]:
+    """A fresh redis-server on a free loopback port, no persistence, in a temporary directory;
+    stopped by its pid at the end of the block, killed if this script ends first."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("no redis-server (Debian: apt-get install redis-server)")
+    with tempfile.TemporaryDirectory(prefix="udpchat-bench-redis-") as tmp:
+        for _ in range(5):  # another program may take the free port first
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            proc = subprocess.Popen(
+                [
+                    *(exe, "--port", str(port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no", "--dir", tmp),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                preexec_fn=die_with_parent,
+            )
+            deadline, up = time.monotonic() + 5, False
+            while not up and proc.poll() is None and time.monotonic() < deadline:
+                with contextlib.suppress(OSError, RuntimeError):
+                    up = redis_call(port, "PING") == "PONG"
+                time.sleep(0 if up else 0.01)
+            if up:
+                break
+            proc.kill()
+            proc.wait(10)
+        else:
+            raise RuntimeError("redis-server did not start")
+        try:
+            yield Redis(port, proc.pid)
+        finally:
+            proc.terminate()  # SIGTERM: it shuts down, with nothing to save
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (every core, every process: /proc/stat)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """User and system CPU time of the children this process has waited for."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds each live thread of a process has run, by name, to the nanosecond
+    (/proc/PID/task/TID/schedstat; /proc's user and system times count 10 ms ticks). The
+    kernel keeps 15 bytes of a name: the core's `udpchat-cluster-pub` and `-sub` both read
+    `udpchat-cluster`, so they are told apart by the order they were started in (publisher
+    first: `Server::start_cluster`)."""
+    threads = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            name = (task / "comm").read_text().strip()
+            ran = int((task / "schedstat").read_text().split()[0]) / 1e9
+            threads.append((int(task.name), name, ran))
+    out: dict[str, float] = {}
+    cluster = iter(["cluster-pub", "cluster-sub"])
+    for _, name, ran in sorted(threads):
+        if name == "udpchat-cluster":
+            name = next(cluster, name)
+        out[name] = out.get(name, 0.0) + ran
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process's live threads have run (see `thread_cpu`)."""
+    return sum(thread_cpu(pid).values())
+
+
+def per_thread(before: dict[str, float], after: dict[str, float], n: float) -> dict[str, float]:
+    """µs of CPU each thread ran between two `thread_cpu`s, per one of `n` things."""
+    return {k: (v - before.get(k, 0.0)) / max(n, 1) * 1e6 for k, v in after.items()}
+
+
+class PythonRelay:
+    """The pure-Python baseline of the cross-server figures: what a user of udpchat 0.1 writes
+    to join servers through Redis with redis-py, on udpchat's public API only, in each server's
+    own process. 0.1's server has no hook for the messages it relays, so the process listens to
+    its own server as one more client (a bridge) and publishes each message it hears, once; and
+    a thread subscribed to the channel hands each other server's message to `broadcast()`.
+    Its own broadcasts come back to the bridge too: they have the server itself as sender and
+    are not published again; its own publications come back from Redis: they carry this
+    process's id and are not broadcast again. The origin is lost on the way: B's clients see B
+    as the sender (the core keeps it). One `publish()` a message, one round trip to Redis each,
+    as redis-py's documentation shows it; or, `batched`, what the bridge has queued taken at once
+    (`recv_many`, also in 0.1) and published in one pipeline, as a user who measured would.
+    redis-py's subscriber hands out one message at a time, and 0.1 broadcasts one at a time."""
+
+    def __init__(
+        self, server: ChatServerUdp, url: str, channel: str = CHANNEL, batched: bool = False
+    ) -> None:
+        import redis
+        from udpchat import ChatClientUdp
+
+        assert server.address is not None
+        self.server, self.channel = server, channel
+        self.me = server.address  # the sender its clients see on its own broadcasts
+        self.id = os.urandom(8)
+        self.redis = redis.Redis.from_url(url)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub.subscribe(channel)
+        self.bridge = ChatClientUdp(*self.me)
+        self.bridge.start()
+        self.published = self.received = 0
+        for target in (self.forward_batches if batched else self.forward, self.deliver):
+            threading.Thread(target=target, daemon=True).start()
+
+    def forward(self) -> None:
+        """Every message this server relays, published once."""
+        for msg in self.bridge:
+            if msg.sender != self.me:
+                self.redis.publish(self.channel, self.id + msg.payload)
+                self.published += 1
+
+    def forward_batches(self) -> None:
+        """The same, a pipeline of what has come at a time (until the bridge stops)."""
+        while self.bridge.running:
+            pipe = self.redis.pipeline(transaction=False)
+            for msg in self.bridge.recv_many(256, 1.0):
+                if msg.sender != self.me:
+                    pipe.publish(self.channel, self.id + msg.payload)
+            if len(pipe):
+                self.published += len(pipe)
+                pipe.execute()
+
+    def deliver(self) -> None:
+        """Every other server's message, to this server's clients."""
+        with contextlib.suppress(Exception):  # ends when stop() closes the connection
+            for message in self.pubsub.listen():
+                data = message["data"]
+                if data[:8] != self.id:
+                    self.server.broadcast(data[8:])
+                    self.received += 1
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "relay_published": self.published,
+            "relay_received": self.received,
+            "relay_bridge_dropped": self.bridge.dropped,
+        }
+
+    def stop(self) -> None:
+        self.bridge.stop()
+        with contextlib.suppress(Exception):
+            self.pubsub.close()
+
+
+def node_main(kind: str, url: str | None) -> None:
+    """(internal) One server of the cluster step in this process: `standalone` (ChatServerUdp),
+    `cluster` (with cluster=URL; its address printed only once cluster_connected is True) or
+    `relay` or `relay-batched` (standalone, with a PythonRelay beside it). Prints its address,
+    then answers
+    `stats` on stdin with a line of JSON; ends at the end of its input or after LIFETIME."""
+    from udpchat import ChatServerUdp
+
+    signal.alarm(int(LIFETIME))
+    if kind == "cluster":
+        server = ChatServerUdp("127.0.0.1", 0, cluster=url)  # type: ignore[call-arg,unused-ignore]
+    else:
+        server = ChatServerUdp("127.0.0.1", 0)
+    server.start()
+    assert server.address is not None
+    relay = None
+    if kind.startswith("relay"):
+        relay = PythonRelay(server, str(url), batched=kind == "relay-batched")
+    deadline = time.monotonic() + 10
+    while kind == "cluster" and not server.stats().get("cluster_connected"):
+        if time.monotonic() > deadline:
+            raise SystemExit("node: not connected to Redis within 10 s")
+        time.sleep(0.005)
+    print("{}:{}".format(*server.address), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "stats":
+            raise SystemExit(f"node: unknown command {line!r}")
+        stats = dict(server.stats())
+        if relay is not None:
+            stats.update(relay.stats())
+        print(json.dumps(stats), flush=True)
+    if relay is not None:
+        relay.stop()
+    server.stop()
+
+
+class Node:
+    """`node KIND [URL]` in a child process: its address, pid and `stats()`."""
+
+    def __init__(self, kind: str, url: str | None = None) -> None:
+        cmd = [sys.executable, __file__, "node", kind, *([url] if url else [])]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.address = self.stdout.readline().strip()
+        if not self.address:
+            self.close()
+            raise RuntimeError(f"{kind} node did not start")
+
+    def stats(self) -> dict[str, float]:
+        self.stdin.write("stats\n")
+        self.stdin.flush()
+        result: dict[str, float] = json.loads(self.stdout.readline())
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextmanager
+def cluster_of(kind: str, count: int) -> Iterator[tuple[list[Node], Redis | None]]:
+    """`count` servers of `kind` (standalone ones share no Redis; the others a fresh one, every
+    server subscribed before the block starts), and their Redis."""
+    with contextlib.ExitStack() as stack:
+        redis = None if kind == "standalone" else stack.enter_context(redis_server())
+        nodes: list[Node] = []
+        stack.callback(lambda: [node.close() for node in nodes])
+        for _ in range(count):
+            nodes.append(Node(kind, redis.url if redis else None))
+        if redis is not None:
+            redis.wait_subscribers(count)
+        yield nodes, redis
+
+
+def has_cluster() -> bool:
+    """Whether the installed udpchat has the cluster option."""
+    from udpchat import ChatServerUdp
+
+    try:
+        ChatServerUdp("127.0.0.1", 0, cluster="redis://127.0.0.1:1")  # type: ignore[call-arg,unused-ignore]
+    except TypeError:
+        return False
+    return True
+
+
+def cluster_fanout(seconds: float, runs: int) -> float:
+    """The cost of being in a cluster: the fan-out step's load (100 clients, 4 senders, 64 B)
+    on a standalone server, on the same server with cluster= on a live Redis (alone on the
+    channel: Redis sends each publication back to it alone, and it drops its own), and with a
+    second server on the channel (no clients), whose work shares the 2 cores."""
+    kinds = ["standalone", "cluster", "cluster+peer"]
+
+    threads: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+
+    def measure(kind: str) -> dict[str, float]:
+        with cluster_of(kind.split("+")[0], 2 if "peer" in kind else 1) as (nodes, redis):
+            published0 = redis.publications() if redis else 0
+            relayed0 = nodes[0].stats()["broadcasts"]
+            cpu0 = thread_cpu(nodes[0].proc.pid)
+            redis0 = cpu_seconds(redis.pid) if redis else 0.0
+            peer0 = cpu_seconds(nodes[1].proc.pid) if len(nodes) > 1 else 0.0
+            result = loadgen("throughput", nodes[0].address, 100, 4, 64, seconds)
+            stats = nodes[0].stats()
+            result["relayed"] = relayed = stats["broadcasts"] - relayed0
+            # Per message relayed: each thread of the server, and Redis and the peer.
+            cpu = per_thread(cpu0, thread_cpu(nodes[0].proc.pid), relayed)
+            if redis:
+                cpu["Redis"] = (cpu_seconds(redis.pid) - redis0) / max(relayed, 1) * 1e6
+            if len(nodes) > 1:
+                cpu["peer"] = (cpu_seconds(nodes[1].proc.pid) - peer0) / max(relayed, 1) * 1e6
+            threads[kind].append(cpu)
+            result["cpu_us"] = sum(v for k, v in cpu.items() if k not in ("Redis", "peer"))
+            result["published"] = redis.publications() - published0 if redis else 0
+            result["dropped"] = stats.get("cluster_dropped", 0)
+            return result
+
+    key = "deliveries_per_s"
+    results = interleaved(kinds, runs, measure)
+    got = {kind: median_by(results[kind], key) for kind in kinds}
+    fanout = got["standalone"][key]
+    total = {k: sum(r[k] for r in results["cluster"]) for k in ("relayed", "published", "dropped")}
+    table(
+        "Cluster: fan-out with cluster= on, deliveries/s, 100 clients, 4 senders, 64 B",
+        [
+            "load",
+            *kinds,
+            "cluster/standalone",
+            "per round",
+            "+peer/standalone",
+            "per round",
+            "cluster: published/relayed (dropped)",
+        ],
+        [
+            [
+                "100 clients, 64 B",
+                *(f"{got[k][key]:,.0f}" for k in kinds),
+                ratio(got["cluster"][key], got["standalone"][key]),
+                spread(results["cluster"], results["standalone"], key),
+                ratio(got["cluster+peer"][key], got["standalone"][key]),
+                spread(results["cluster+peer"], results["standalone"], key),
+                f"{total['published']:,.0f}/{total['relayed']:,.0f} ({total['dropped']:,.0f})",
+            ]
+        ],
+    )
+    names = ["udpchat-srv-rx", "udpchat-srv-tx", "cluster-pub", "cluster-sub"]
+    rows = []
+    for kind in kinds:
+        cpu = {k: statistics.median(r.get(k, 0.0) for r in threads[kind]) for k in threads[kind][0]}
+        server = sum(v for k, v in cpu.items() if k not in ("Redis", "peer"))
+        rest = server - sum(cpu.get(n, 0.0) for n in names)
+        rows.append(
+            [
+                kind,
+                *(f"{cpu[n]:.2f}" if n in cpu else "-" for n in names),
+                f"{rest:.2f}",
+                f"{server:.1f}",
+                f"{cpu['Redis']:.2f}" if "Redis" in cpu else "-",
+                f"{cpu['peer']:.2f}" if "peer" in cpu else "-",
+                " ".join(f"{r['cpu_us']:.1f}" for r in results[kind]),
+            ]
+        )
+    table(
+        "Cluster: the fan-out's CPU, µs per message relayed (each thread's run time, medians; "
+        "a message is 100 deliveries)",
+        [
+            "server",
+            "receiver (srv-rx)",
+            "fan-out (srv-tx)",
+            "cluster publisher",
+            "cluster subscriber",
+            "other threads",
+            "server in all",
+            "Redis",
+            "peer server",
+            "server in all, per run",
+        ],
+        rows,
+    )
+    return fanout
+
+
+def cluster_cross(seconds: float, runs: int, kinds: list[str]) -> None:
+    """The cross-server rate: 4 clients of server A send, every delivery to the clients of
+    server B is counted (the load generator's `cross`), for 1, 10 and 100 clients on B. "same
+    server": the same load generator with A and B one standalone server (the fan-out is to the
+    4 senders and B's clients alike), what one server does without the hop. CPU: each process's
+    over the run (`thread_cpu`; the load generator's user + system), per message that reached
+    B."""
+
+    rows, cpu_rows = [], []
+    CPU_OF = ["A", "B", "Redis", "loadgen"]
+    threads: dict[tuple[int, str], list[dict[str, float]]] = {
+        (nb, kind): [] for nb in CROSS_CLIENTS for kind in ["same server", *kinds]
+    }
+    relays = [k for k in kinds if k.startswith("relay") and "cluster" in kinds]
+    for nb in CROSS_CLIENTS:
+
+        def measure(kind: str, nb: int = nb) -> dict[str, float]:
+            count = 1 if kind == "same server" else 2
+            with cluster_of("standalone" if count == 1 else kind, count) as (nodes, redis):
+                a, b = nodes[0], nodes[-1]
+                pids = {"A": a.proc.pid, "B": b.proc.pid} if count == 2 else {"A": a.proc.pid}
+                if redis is not None:
+                    pids["Redis"] = redis.pid
+                cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                threads0 = [thread_cpu(node.proc.pid) for node in nodes]
+                published0 = redis.publications() if redis else 0
+                children0, busy0, t0 = children_cpu(), machine_busy(), time.monotonic()
+                result = loadgen("cross", a.address, b.address, nb, 4, 64, seconds)
+                wall, busy = time.monotonic() - t0, machine_busy() - busy0
+                time.sleep(0.2)  # what was in flight when the load generator ended
+                cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+                cpu["loadgen"] = children_cpu() - children0
+                result["cores"] = sum(cpu.values()) / wall
+                result["others"] = max(0.0, busy / wall - result["cores"])
+                result["published"] = redis.publications() - published0 if redis else 0
+                arrived = max(result["delivered_total"] / nb, 1)
+                for name, used in cpu.items():
+                    result[f"cpu_{name}"] = used / arrived * 1e6
+                threads[(nb, kind)].append(
+                    {
+                        f"{side} {thread}": us
+                        for side, node, before in zip("AB", nodes, threads0, strict=False)
+                        for thread, us in per_thread(
+                            before, thread_cpu(node.proc.pid), arrived
+                        ).items()
+                    }
+                )
+                sa, sb = a.stats(), b.stats()
+                result["dropped"] = sa.get("cluster_dropped", 0) + sa.get("relay_bridge_dropped", 0)
+                result["received"] = sb.get("cluster_received", sb.get("relay_received", 0))
+                return result
+
+        cases = ["same server", *kinds]
+        key = "messages_per_s"
+        results = interleaved(cases, runs, measure)
+        got = {kind: median_by(results[kind], key) for kind in cases}
+        row = [f"{nb} on B", *(f"{got[k][key]:,.0f}" for k in cases)]
+        for relay in relays:
+            row += [
+                ratio(got["cluster"][key], got[relay][key]),
+                spread(results["cluster"], results[relay], key),
+            ]
+        if "cluster" in kinds:
+            row.append(ratio(got["cluster"][key], got["same server"][key]))
+        for kind in kinds:
+            sent = sum(r["sent_total"] for r in results[kind])
+            published = sum(r["published"] for r in results[kind])
+            dropped = sum(r["dropped"] for r in results[kind])
+            ratio_ = statistics.median(r["delivery_ratio"] for r in results[kind])
+            row.append(f"{ratio_:.3f}; {published / max(sent, 1):.3f} ({dropped:,.0f})")
+        rows.append(row)
+        for kind in cases:
+            r = medians(results[kind])
+            cpu_rows.append(
+                [
+                    f"{nb} on B",
+                    kind,
+                    *(f"{r[f'cpu_{n}']:.1f}" if f"cpu_{n}" in r else "-" for n in CPU_OF),
+                    f"{sum(r.get(f'cpu_{n}', 0) for n in CPU_OF):.1f}",
+                    f"{r['cores']:.2f}",
+                    f"{r['others']:.2f}",
+                ]
+            )
+    header = ["clients on B", "same server", *kinds]
+    for relay in relays:
+        header += [f"cluster/{relay}", "per round"]
+    if "cluster" in kinds:
+        header.append("cluster/same server")
+    header += [f"{k}: delivered; published/sent (dropped)" for k in kinds]
+    table(
+        "Cluster: cross-server rate, messages/s from 4 clients of A delivered to every client "
+        "of B (64 B)",
+        header,
+        rows,
+    )
+    if "cluster" in kinds:
+        names = [
+            "A udpchat-srv-rx",
+            "A udpchat-srv-tx",
+            "A cluster-pub",
+            "A cluster-sub",
+            "B cluster-sub",
+            "B udpchat-srv-tx",
+            "B udpchat-srv-rx",
+        ]
+        thread_rows = []
+        for nb in CROSS_CLIENTS:
+            runs_ = threads[(nb, "cluster")]
+            thread_rows.append(
+                [
+                    f"{nb} on B",
+                    *(f"{statistics.median(r.get(n, 0.0) for r in runs_):.2f}" for n in names),
+                ]
+            )
+        table(
+            "Cluster: the cross-server path's threads, µs of CPU per message that crossed "
+            "(run time, medians)",
+            ["clients on B", *names],
+            thread_rows,
+        )
+    table(
+        "Cluster: CPU per message that crossed (µs: the run time of all the threads of A, B and "
+        "Redis, the load generator's user + system; cores busy: all four's CPU over the load "
+        "generator's run, registration and warm-up included; others': the rest of the machine's, "
+        "other engineers' work)",
+        ["clients on B", "server", *CPU_OF, "in all", "cores busy", "others' cores"],
+        cpu_rows,
+    )
+
+
+def redis_bench_one(clients: int, pipeline: int, subscribers: int) -> dict[str, float]:
+    """redis-benchmark publishing 80-byte messages (a 64-byte message's envelope) to the
+    channel, with `subscribers` connections subscribed to it that read everything (loadgen
+    `redis-sub`): publications/s, and the share of the deliveries owed that were read."""
+    requests = REDIS_BENCH_REQUESTS[pipeline] * (2 if clients > 1 else 1)
+    requests //= 1 + subscribers // 4
+    data = "x" * (64 + ENVELOPE)
+    with redis_server() as redis, contextlib.ExitStack() as stack:
+        sub: subprocess.Popen[str] | None = None
+        if subscribers:
+            sub = subprocess.Popen(
+                [
+                    *(str(EXAMPLES / "loadgen"), "redis-sub", f"127.0.0.1:{redis.port}"),
+                    *(CHANNEL, str(subscribers), str(len(data)), "60"),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            stack.callback(lambda: (sub.kill(), sub.wait(10)))
+            assert sub.stdout is not None and sub.stdin is not None
+            if sub.stdout.readline().strip() != "subscribed":
+                raise RuntimeError("redis-sub did not subscribe")
+        cpu0 = cpu_seconds(redis.pid)
+        out = subprocess.run(
+            [
+                *("redis-benchmark", "-p", str(redis.port), "-c", str(clients)),
+                *("-P", str(pipeline), "-n", str(requests), "--csv", "PUBLISH", CHANNEL, data),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        rps = float(out.stdout.strip().splitlines()[-1].split(",")[1].strip('"'))
+        read = 1.0
+        if sub is not None:
+            time.sleep(0.2)  # what Redis still has to write
+            stdout, _ = sub.communicate(timeout=10)
+            read = json.loads(stdout.splitlines()[-1])["messages"] / (requests * subscribers)
+        cpu = (cpu_seconds(redis.pid) - cpu0) / requests * 1e6
+        return {"rate": rps, "read": read, "cpu_us": cpu}
+
+
+def redis_bench(runs: int) -> dict[tuple[int, int, int], dict[str, float]]:
+    """Redis's own ceiling on this machine: redis-benchmark's PUBLISH by connections,
+    pipelining and subscribers, interleaved; returns the medians (rate, Redis's CPU µs a
+    publication)."""
+    names = [f"{c} {p} {k}" for c, p, k in REDIS_BENCH]
+    results = interleaved(names, runs, lambda n: redis_bench_one(*map(int, n.split())))
+    got = {}
+    rows = []
+    for (c, p, k), name in zip(REDIS_BENCH, names, strict=True):
+        got[(c, p, k)] = r = medians(results[name])
+        rates = " ".join(f"{r['rate']:,.0f}" for r in results[name])
+        read = min(r["read"] for r in results[name])
+        rows.append(
+            [
+                *(str(c), str(p), str(k), f"{r['rate']:,.0f}", f"{r['rate'] * k:,.0f}", rates),
+                f"{r['cpu_us']:.2f}",
+                f"{read:.3f}",
+            ]
+        )
+    table(
+        f"Redis PUBLISH of {64 + ENVELOPE} bytes (a 64-byte message's envelope), redis-benchmark",
+        [
+            "connections",
+            "pipeline (-P)",
+            "subscribers",
+            "publications/s",
+            "deliveries/s",
+            "per run",
+            "Redis CPU µs a publication",
+            "read by subscribers (worst run)",
+        ],
+        rows,
+    )
+    return got
+
+
+def cluster_latency(seconds: float, runs: int, kinds: list[str]) -> None:
+    """Cross-server latency: 10 of 100 clients of A send CROSS_RATE messages a second, 100
+    clients on B; every copy timed with the kernel's receive timestamp (loadgen
+    `cross-latency`). "same server" is every copy at A's clients, "own" a sender's own copy,
+    "cross-server" every copy at B's; standalone is one server with A's 100 clients."""
+    cases = ["standalone", *kinds]
+
+    def measure(kind: str) -> dict[str, float]:
+        with cluster_of(kind, 1 if kind == "standalone" else 2) as (nodes, _):
+            b = nodes[1].address if len(nodes) > 1 else "-"
+            nb = 100 if len(nodes) > 1 else 0
+            return loadgen("cross-latency", nodes[0].address, b, 100, nb, CROSS_RATE, 64, seconds)
+
+    results = interleaved(cases, runs, measure)
+    rows = []
+    for kind in cases:
+        r = medians(results[kind])
+        local = sum(x["local"] for x in results[kind])
+        local_expected = sum(x["local_expected"] for x in results[kind])
+        remote = sum(x["remote"] for x in results[kind])
+        remote_expected = sum(x["remote_expected"] for x in results[kind])
+        cross = kind != "standalone"
+        rows.append(
+            [
+                kind,
+                f"{r['local_p50_us']:.0f}",
+                f"{r['local_p99_us']:.0f}",
+                f"{r['own_p50_us']:.0f}",
+                f"{r['own_p99_us']:.0f}",
+                f"{r['remote_p50_us']:.0f}" if cross else "-",
+                f"{r['remote_p99_us']:.0f}" if cross else "-",
+                f"{r['remote_max_us']:.0f}" if cross else "-",
+                " ".join(f"{x['remote_p50_us']:.0f}" for x in results[kind]) if cross else "-",
+                f"{local / max(local_expected, 1):.3f}"
+                + (f" / {remote / max(remote_expected, 1):.3f}" if cross else ""),
+            ]
+        )
+    table(
+        f"Cluster: latency, {CROSS_RATE} messages/s from 10 of 100 clients on A, 100 clients on "
+        f"B, 64 B (µs, one way, kernel receive timestamps)",
+        [
+            "servers",
+            "same server p50",
+            "p99",
+            "own copy p50",
+            "p99",
+            "cross-server p50",
+            "p99",
+            "max",
+            "cross p50 per run",
+            "received: A / B",
+        ],
+        rows,
+    )
+
+
+def least_squares(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the straight line nearest `points` (x, y)."""
+    mean_x = statistics.mean(x for x, _ in points)
+    mean_y = statistics.mean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum(
+        (x - mean_x) ** 2 for x, _ in points
+    )
+    return mean_y - slope * mean_x, slope
+
+
+def redis_capacity(
+    rates: dict[tuple[int, int, int], dict[str, float]], fanout: float | None
+) -> None:
+    """On paper: Redis's CPU time a publication and for each subscribed server, fitted to the
+    redis-benchmark runs with 0, 1, 4 (and 16) subscribers: pipelined (50 connections, -P 32:
+    Redis reads many publications a wake-up and writes each subscriber once for all of them, as
+    under load) and one at a time (1 connection, -P 1: a read and a write per subscriber for
+    each, as at a low rate). Redis runs commands and I/O on one thread, so one core carries at
+    most 1 / that publications a second; a chat whose every message goes to every server costs
+    it that for each message. With `fanout` (one server's deliveries a second, measured above):
+    how many members a server can serve at each message rate, and so in all."""
+    fits = {}
+    for name, config in (("pipelined", (50, 32)), ("one at a time", (1, 1))):
+        points = [(float(k), r["cpu_us"]) for (c, p, k), r in rates.items() if (c, p) == config]
+        if len(points) >= 2:
+            fits[name] = least_squares(points)
+            base, slope = fits[name]
+            print(
+                f"\nRedis's CPU, {name} (-c {config[0]} -P {config[1]}): {base:.2f} µs a "
+                f"publication + {slope:.2f} µs for each subscribed server"
+            )
+    if not fits:
+        return
+    rows = []
+    for rate in (100, 1_000, 10_000, 100_000):
+        servers = {name: max(0.0, (1e6 / rate - a) / b) for name, (a, b) in fits.items()}
+        row = [f"{rate:,}", *(f"{n:,.0f}" for n in servers.values())]
+        if fanout:
+            per_server = fanout / rate
+            row += [f"{per_server:,.0f}", *(f"{n * per_server:,.0f}" for n in servers.values())]
+        rows.append(row)
+    header = ["messages/s in the chat", *(f"servers one Redis core carries, {n}" for n in fits)]
+    if fanout:
+        header += [
+            f"members a server serves ({fanout:,.0f} deliveries/s)",
+            *(f"members in all, {n}" for n in fits),
+        ]
+    table("Cluster, on paper: one chat on one Redis", header, rows)
+
+
+def cluster_step(seconds: float, runs: int) -> None:
+    """Issue 12's figures, each beside its baselines in the same run."""
+    missing = [exe for exe in ("redis-server", "redis-benchmark") if shutil.which(exe) is None]
+    if missing:
+        print(f"\n(cluster: skipped; no {' or '.join(missing)}: apt-get install redis-server)")
+        return
+    kinds = []
+    if has_cluster():
+        kinds.append("cluster")
+    else:
+        print("\n(cluster: this udpchat has no cluster option; the baselines only)")
+    if importlib.util.find_spec("redis"):
+        kinds += ["relay", "relay-batched"]
+    else:
+        print("\n(cluster: no redis-py for the Python relay: pip install --group bench)")
+    rates = redis_bench(runs)
+    fanout = cluster_fanout(seconds, runs) if "cluster" in kinds else None
+    cluster_cross(seconds, runs, kinds)
+    cluster_latency(2 * seconds, runs, [k for k in kinds if k != "relay-batched"])
+    redis_capacity(rates, fanout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1543,6 +2328,9 @@ def main() -> None:
     a.add_argument("kind")
     a.add_argument("loop")
     a.add_argument("params", type=float, nargs="*")
+    n = sub.add_parser("node", help="(internal) one server of the cluster step, driven on stdin")
+    n.add_argument("kind", choices=["standalone", "cluster", "relay", "relay-batched"])
+    n.add_argument("url", nargs="?")
     parser.add_argument("--quick", action="store_true", help="shorter runs, one of each")
     parser.add_argument("--runs", type=int, help="interleaved runs per figure (default 3)")
     parser.add_argument(
@@ -1570,6 +2358,9 @@ def main() -> None:
     if args.command == "aio":
         aio_main(args.test, args.kind, args.loop, args.params)
         return
+    if args.command == "node":
+        node_main(args.kind, args.url)
+        return
     seconds = 1.0 if args.quick else 1.5
     runs = args.runs or (1 if args.quick else 3)
     build()
@@ -1588,6 +2379,7 @@ def main() -> None:
         "registry": registry_scale,
         "presence": lambda: presence(seconds, runs),
         "asyncio": lambda: aio_step(args.quick, runs),
+        "cluster": lambda: cluster_step(seconds, runs),
     }
     assert list(steps) == list(STEPS)
     for name in args.only or STEPS:

@@ -84,7 +84,7 @@ pub struct Workers {
 const SETTLE: Duration = Duration::from_secs(1);
 
 /// How long `stop_and_join` waits for a lingering thread before it leaves it to end on its own.
-const LINGER: Duration = Duration::from_millis(50);
+const LINGER: Duration = Duration::from_millis(25);
 
 impl Workers {
     pub fn new(name: &'static str, wakeup: Arc<Wakeup>) -> Result<Self> {

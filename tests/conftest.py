@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import udpchat
+from redis_server import INSTALL_HINT, RedisServer, find_redis_server
 from udpchat import ChatClientUdp, ChatServerUdp
 
 Addr = tuple[str, int]
@@ -398,3 +399,42 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("udpchat figures")
         for line in FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def redis_executable() -> str:
+    """Debian's redis-server, for the tests that need a real Redis (the cluster tests). Missing,
+    it fails the test when CI=true (.ci/run installs it), and skips it elsewhere, saying how to
+    install it."""
+    path = find_redis_server()
+    if path is None:
+        if _in_ci():
+            pytest.fail(f"CI=true: a test that needs Redis may not skip: {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+    return path
+
+
+@pytest.fixture
+def make_redis(redis_executable: str, tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Redis servers of the test's own, each on a free loopback port, without persistence, in a
+    directory under `tmp_path`; stopped by pid (SIGTERM, then SIGKILL) when the test ends.
+    `make(password=None, start=True)`: `start=False` picks the port without starting it."""
+    made: list[RedisServer] = []
+
+    def make(*, password: str | None = None, start: bool = True) -> RedisServer:
+        redis = RedisServer(redis_executable, tmp_path / f"redis-{len(made)}", password=password)
+        made.append(redis)
+        if start:
+            redis.start()
+        return redis
+
+    yield make
+    for redis in made:
+        redis.stop()
+
+
+@pytest.fixture
+def redis(make_redis: Callable[..., RedisServer]) -> RedisServer:
+    """One running Redis server of the test's own."""
+    server: RedisServer = make_redis()
+    return server

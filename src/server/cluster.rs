@@ -15,9 +15,9 @@ use log::{debug, info, warn};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::fanout::Job;
 use super::stats::Stats;
@@ -33,20 +33,31 @@ const LOG_TARGET: &str = "udpchat::cluster";
 /// The channel servers share unless told otherwise.
 pub const DEFAULT_CHANNEL: &str = "udpchat";
 
-/// Batches of envelopes (one per received batch) waiting for the publisher. When Redis is
-/// slower than the chat, what does not fit is dropped and counted.
+/// Batches of envelopes (one per received batch) waiting for the publisher, at most, and
+/// their bytes at most. When Redis is slower than the chat, what does not fit is dropped and
+/// counted: the publisher is never more than a few milliseconds of a fast link behind.
 const PUBLISH_QUEUE: usize = 256;
-/// Envelopes sent in one pipeline at most.
+const PUBLISH_QUEUE_BYTES: usize = 4 << 20;
+/// A pipeline takes queued batches until it holds this many envelopes or bytes.
 const PIPELINE: usize = 256;
-/// The first wait before connecting again, doubled after each failure up to `MAX_BACKOFF`.
+const PIPELINE_BYTES: usize = 1 << 20;
+/// The first wait before connecting again, doubled after each failure up to `MAX_BACKOFF`,
+/// and back to the first only after a connection that stayed up for `STABLE`: one that fails
+/// as soon as it is made (a subscriber Redis keeps dropping, a user refused PUBLISH) is not
+/// made again ten times a second.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+const STABLE: Duration = Duration::from_secs(10);
 /// How long a connection attempt, or a command on a connection, may take before the connection
 /// counts as down.
 const IO_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the subscriber, waiting for a message, looks at the stop signal: the most a stop
 /// waits for it.
 const POLL: Duration = Duration::from_millis(20);
+/// How long a connection may be quiet before its thread pings Redis: a Redis that froze, a
+/// network that broke without a word, or an idle connection Redis or a NAT closed, is found out
+/// then rather than by the next message.
+const KEEPALIVE: Duration = Duration::from_secs(1);
 
 /// Where the cluster meets: a Redis server and a channel.
 #[derive(Clone)]
@@ -64,11 +75,17 @@ impl ClusterConfig {
             return Err(Error::Invalid("cluster_channel must not be empty".into()));
         }
         let shown = without_password(url);
-        let client = redis::Client::open(url).map_err(|e| {
+        let invalid = |e: redis::RedisError| {
             Error::Invalid(format!(
                 "cluster {shown:?} is not a Redis URL this build can use: {e}"
             ))
-        })?;
+        };
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+        // Pub/sub ignores the database, so none is selected (`/99` works as `/0`), and the
+        // subscriber reads RESP2's messages, whatever `?protocol=` says.
+        let settings = info.redis_settings().clone().set_db(0);
+        let settings = settings.set_protocol(redis::ProtocolVersion::RESP2);
+        let client = redis::Client::open(info.set_redis_settings(settings)).map_err(invalid)?;
         if let redis::ConnectionAddr::TcpTls { insecure, .. } = client.get_connection_info().addr()
         {
             // `rediss://...#insecure` asks for no certificate checks, which this build does not
@@ -102,19 +119,37 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// `url` with the password of its user information, if any, replaced by `***`.
+/// `url` with its passwords replaced by `***`: the user information's, and the query's `pass`
+/// or `password` (as `unix:` URLs give it).
 fn without_password(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let start = head.find("://").map_or(0, |i| i + 3);
+    let end = head[start..].find('/').map_or(head.len(), |i| start + i);
+    let mut shown = match head[start..end].rfind('@') {
         Some(at) => {
             // With no colon, what there is may be a password too.
-            let user = url[start..start + at].split_once(':').map(|(user, _)| user);
-            let shown = user.map_or("***".to_owned(), |user| format!("{user}:***"));
-            format!("{}{shown}{}", &url[..start], &url[start + at..])
+            let user = head[start..start + at]
+                .split_once(':')
+                .map(|(user, _)| user);
+            let hidden = user.map_or("***".to_owned(), |user| format!("{user}:***"));
+            format!("{}{hidden}{}", &head[..start], &head[start + at..])
         }
-        None => url.to_owned(),
+        None => head.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if ["pass", "password"].contains(&key) => format!("{key}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        shown = format!("{shown}?{}", params.join("&"));
     }
+    shown
 }
 
 /// Envelopes from one received batch, published together.
@@ -157,6 +192,8 @@ pub(super) struct Cluster {
     subscribed: AtomicBool,
     /// Set at the server's stop.
     stopped: AtomicBool,
+    /// The bytes of the envelopes queued for the publisher.
+    queued_bytes: AtomicUsize,
     /// How many times the subscribed connection failed: the publisher, which finds a dead
     /// connection only by writing to it, reconnects when this changes.
     losses: AtomicU64,
@@ -181,6 +218,7 @@ impl Cluster {
             subscribed: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             losses: AtomicU64::new(0),
+            queued_bytes: AtomicUsize::new(0),
             logged: Mutex::new(None),
             counters: Counters::default(),
         };
@@ -202,11 +240,30 @@ impl Cluster {
             self.counters.dropped.fetch_add(n, Relaxed);
             return;
         }
+        let bytes = bytes(&batch);
+        if self.queued_bytes.fetch_add(bytes, Relaxed) + bytes > PUBLISH_QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(bytes, Relaxed);
+            self.counters.dropped.fetch_add(n, Relaxed);
+            return;
+        }
         if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) =
             self.queue.try_send(batch)
         {
+            self.queued_bytes.fetch_sub(bytes, Relaxed);
             self.counters.dropped.fetch_add(n, Relaxed);
         }
+    }
+
+    /// `batch`, taken from the queue by the publisher.
+    fn taken(&self, batch: Batch) -> Batch {
+        self.queued_bytes.fetch_sub(bytes(&batch), Relaxed);
+        batch
+    }
+
+    /// Drops (and counts) `batch`, taken from the queue.
+    fn discard(&self, batch: Batch) {
+        let batch = self.taken(batch);
+        self.counters.dropped.fetch_add(batch.len() as u64, Relaxed);
     }
 
     /// At stop: `cluster_connected` is false from then on, whatever a thread still ending does.
@@ -267,6 +324,9 @@ impl Cluster {
         let (shown, channel) = (&self.config.shown, &self.config.channel);
         let mut logged = lock(&self.logged);
         let connected = self.connected();
+        if failure.is_none() && !connected {
+            return; // one connection up, the other not yet: nothing has changed
+        }
         if *logged == Some(connected) {
             if let Some((side, e)) = failure {
                 debug!(target: LOG_TARGET, "{side} connection to {shown}: {e}");
@@ -275,8 +335,9 @@ impl Cluster {
         }
         let first = logged.replace(connected).is_none();
         drop(logged);
+        // A failure leaves the cluster disconnected: its side's flag is down.
         match failure {
-            _ if connected => info!(
+            None => info!(
                 target: LOG_TARGET,
                 "connected to {shown}, channel {channel:?}, as server {:016x}", self.id
             ),
@@ -290,28 +351,48 @@ impl Cluster {
                 "lost Redis at {shown} ({side} connection: {e}); serving this server's clients \
                  only, and reconnecting"
             ),
-            None => {}
         }
     }
 
     /// Drops (and counts) every batch queued for the publisher.
     fn drop_queued(&self, queue: &Receiver<Batch>) {
-        let n: usize = queue.try_iter().map(|batch| batch.len()).sum();
-        self.counters.dropped.fetch_add(n as u64, Relaxed);
+        queue.try_iter().for_each(|batch| self.discard(batch));
     }
 }
 
-/// The waits between connection attempts: 0.1 s, doubling after each failure, up to 2 s.
-struct Backoff(Duration);
+fn bytes(batch: &Batch) -> usize {
+    batch.iter().map(Vec::len).sum()
+}
+
+/// The waits between connection attempts: 0.1 s, doubling after each failure, up to 2 s; back
+/// to 0.1 s once a connection has stayed up for `STABLE`.
+struct Backoff {
+    wait: Duration,
+    up_since: Option<Instant>,
+}
 
 impl Backoff {
     fn new() -> Self {
-        Backoff(MIN_BACKOFF)
+        Backoff {
+            wait: MIN_BACKOFF,
+            up_since: None,
+        }
     }
 
-    fn next(&mut self) -> Duration {
-        let wait = self.0;
-        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+    /// A connection is up, from `now`.
+    fn up(&mut self, now: Instant) {
+        self.up_since = Some(now);
+    }
+
+    /// The wait before the next attempt, after a failure at `now`.
+    fn next(&mut self, now: Instant) -> Duration {
+        if let Some(since) = self.up_since.take() {
+            if now.saturating_duration_since(since) >= STABLE {
+                self.wait = MIN_BACKOFF;
+            }
+        }
+        let wait = self.wait;
+        self.wait = (wait * 2).min(MAX_BACKOFF);
         wait
     }
 }
@@ -323,15 +404,21 @@ impl Backoff {
 pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     let channel = cluster.config.channel.as_bytes();
     let mut backoff = Backoff::new();
-    let mut pipe = redis::pipe();
+    let mut pipeline = Vec::new();
     loop {
-        let failed = match cluster.connect() {
+        // A command answered, not only a connection made: a Redis that wants a password the
+        // URL does not give accepts the connection and refuses every command.
+        let ready = cluster.connect().and_then(|mut con| {
+            redis::cmd("PING").query::<()>(&mut con)?;
+            Ok(con)
+        });
+        let failed = match ready {
             Ok(mut con) => {
                 // Nothing queued before this connection is sent late.
                 cluster.drop_queued(queue);
                 cluster.up(Side::Publishing);
-                backoff = Backoff::new();
-                let e = send_batches(cluster, stop, queue, &mut con, &mut pipe, channel);
+                backoff.up(Instant::now());
+                let e = send_batches(cluster, stop, queue, &mut con, &mut pipeline, channel);
                 cluster.publishing.store(false, Release);
                 e
             }
@@ -342,11 +429,11 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
         }
         cluster.down(Side::Publishing, &failed);
         cluster.drop_queued(queue);
-        let retry = after(backoff.next());
+        let retry = after(backoff.next(Instant::now()));
         loop {
             select! {
                 recv(queue) -> batch => match batch {
-                    Ok(batch) => { cluster.counters.dropped.fetch_add(batch.len() as u64, Relaxed); }
+                    Ok(batch) => cluster.discard(batch),
                     Err(_) => return,
                 },
                 recv(retry) -> _ => break,
@@ -356,21 +443,24 @@ pub(super) fn publish(cluster: &Cluster, stop: &Stop, queue: &Receiver<Batch>) {
     }
 }
 
-/// Publishes batches from `queue` until stopped (Ok is never returned: the error that ended the
-/// connection is).
+/// Publishes batches from `queue` until the connection fails or the server stops; returns why.
 fn send_batches(
     cluster: &Cluster,
     stop: &Stop,
     queue: &Receiver<Batch>,
     con: &mut redis::Connection,
-    pipe: &mut redis::Pipeline,
+    pipeline: &mut Vec<u8>,
     channel: &[u8],
 ) -> redis::RedisError {
     let mut losses = cluster.losses.load(Acquire);
     loop {
         let first = select! {
-            recv(queue) -> batch => batch,
+            recv(queue) -> batch => batch.map(|batch| cluster.taken(batch)),
             recv(stop.channel()) -> _ => Err(crossbeam_channel::RecvError),
+            default(KEEPALIVE) => match redis::cmd("PING").query::<()>(con) {
+                Ok(()) => continue,
+                Err(e) => return e,
+            },
         };
         let Ok(first) = first else {
             return redis::RedisError::from(std::io::Error::other("stopped"));
@@ -391,21 +481,59 @@ fn send_batches(
                 }
             }
         }
-        pipe.clear();
-        let mut n = 0u64;
-        let more = queue.try_iter().take(PIPELINE);
-        for envelope in std::iter::once(first).chain(more).flatten() {
-            pipe.publish(channel, envelope).ignore();
-            n += 1;
+        // The buffer keeps what one pipeline needs, not what the largest ever took.
+        pipeline.clear();
+        pipeline.shrink_to(PIPELINE_BYTES);
+        let mut n = 0;
+        let mut batch = first;
+        loop {
+            for envelope in &batch {
+                write_publish(pipeline, channel, envelope);
+            }
+            n += batch.len();
+            if n >= PIPELINE || pipeline.len() >= PIPELINE_BYTES {
+                break;
+            }
+            match queue.try_recv() {
+                Ok(more) => batch = cluster.taken(more),
+                Err(_) => break,
+            }
         }
-        match pipe.exec(con) {
-            Ok(()) => cluster.counters.published.fetch_add(n, Relaxed),
+        match exec(con, pipeline, n) {
+            Ok(()) => cluster.counters.published.fetch_add(n as u64, Relaxed),
             Err(e) => {
-                cluster.counters.dropped.fetch_add(n, Relaxed);
+                cluster.counters.dropped.fetch_add(n as u64, Relaxed);
                 return e;
             }
         };
     }
+}
+
+/// Appends `PUBLISH channel message` to `out`, as the Redis protocol (RESP) writes a command.
+fn write_publish(out: &mut Vec<u8>, channel: &[u8], message: &[u8]) {
+    use std::io::Write;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "*3\r\n$7\r\nPUBLISH\r\n${}\r\n", channel.len());
+    out.extend_from_slice(channel);
+    let _ = write!(out, "\r\n${}\r\n", message.len());
+    out.extend_from_slice(message);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Sends `count` commands packed in `pipeline` and reads their replies, failing at the first
+/// error or once `IO_TIMEOUT` has passed (the crate's own pipelines wait a timeout for each
+/// reply, and go on after an error, so a Redis that stops answering would hold the publisher
+/// for a second per command).
+fn exec(con: &mut redis::Connection, pipeline: &[u8], count: usize) -> redis::RedisResult<()> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    con.send_packed_command(pipeline)?;
+    for _ in 0..count {
+        con.recv_response()?.extract_error()?;
+        if Instant::now() > deadline {
+            return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into());
+        }
+    }
+    Ok(())
 }
 
 /// The subscriber thread: connects and subscribes, then hands each envelope from another
@@ -434,7 +562,7 @@ pub(super) fn subscribe(cluster: &Cluster, stop: &Stop, fanout: &Sender<Job>) {
         }
         cluster.down(Side::Subscribed, &failed);
         select! {
-            recv(after(backoff.next())) -> _ => {},
+            recv(after(backoff.next(Instant::now()))) -> _ => {},
             recv(stop.channel()) -> _ => return,
         }
     }
@@ -449,21 +577,52 @@ fn receive(
     backoff: &mut Backoff,
     malformed: &mut Throttle,
 ) -> redis::RedisError {
-    let mut pubsub = con.as_pubsub();
-    if let Err(e) = pubsub.subscribe(&cluster.config.channel) {
+    // Subscribed by hand: the crate's `PubSub::subscribe` takes an error reply (NOAUTH, NOPERM)
+    // for a subscription.
+    let subscribe = redis::cmd("SUBSCRIBE")
+        .arg(&cluster.config.channel)
+        .query::<redis::Value>(con);
+    if let Err(e) = subscribe {
         return e;
     }
+    let mut pubsub = con.as_pubsub();
+    let e = listen(cluster, stop, fanout, &mut pubsub, backoff, malformed);
+    // The connection is not used again: dropping `pubsub` unsubscribes, and need not wait for
+    // the answer of a Redis that may be gone.
+    let _ = pubsub.set_read_timeout(Some(Duration::from_millis(1)));
+    e
+}
+
+/// Fans out what comes on the subscribed connection until it fails or the server stops.
+fn listen(
+    cluster: &Cluster,
+    stop: &Stop,
+    fanout: &Sender<Job>,
+    pubsub: &mut redis::PubSub<'_>,
+    backoff: &mut Backoff,
+    malformed: &mut Throttle,
+) -> redis::RedisError {
     if let Err(e) = pubsub.set_read_timeout(Some(POLL)) {
         return e;
     }
     cluster.up(Side::Subscribed);
-    *backoff = Backoff::new();
+    backoff.up(Instant::now());
+    let mut heard = Instant::now();
     while !stop.fired() {
         let message = match pubsub.get_message() {
             Ok(message) => message,
-            Err(e) if e.is_timeout() => continue,
+            Err(e) if e.is_timeout() => {
+                if heard.elapsed() >= KEEPALIVE {
+                    if let Err(e) = ping(pubsub) {
+                        return e;
+                    }
+                    heard = Instant::now();
+                }
+                continue;
+            }
             Err(e) => return e,
         };
+        heard = Instant::now();
         let data = message.get_payload_bytes();
         let envelope = match envelope::read(data) {
             Ok(envelope) => envelope,
@@ -495,6 +654,16 @@ fn receive(
     redis::RedisError::from(std::io::Error::other("stopped"))
 }
 
+/// Asks a quiet Redis whether it is still there, waiting up to `IO_TIMEOUT` for the answer: a
+/// Redis that froze, or a network that broke without a word, would otherwise leave the
+/// subscriber waiting for messages that never come, and `cluster_connected` true.
+fn ping(pubsub: &mut redis::PubSub<'_>) -> redis::RedisResult<()> {
+    pubsub.set_read_timeout(Some(IO_TIMEOUT))?;
+    // Messages that come first are kept for `get_message`.
+    pubsub.ping::<redis::Value>()?;
+    pubsub.set_read_timeout(Some(POLL))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +676,18 @@ mod tests {
             ("rediss://user@host", "rediss://***@host"),
             ("redis://host:6379", "redis://host:6379"),
             ("redis://a:b@c@host/0", "redis://a:***@host/0"),
+            (
+                "unix:///run/redis.sock?pass=secret",
+                "unix:///run/redis.sock?pass=***",
+            ),
+            (
+                "redis+unix:///s?db=1&password=p@ss&x=1",
+                "redis+unix:///s?db=1&password=***&x=1",
+            ),
+            (
+                "redis://:pw@host/0?password=pw",
+                "redis://:***@host/0?password=***",
+            ),
         ];
         for (url, shown) in cases {
             assert_eq!(without_password(url), shown, "{url}");
@@ -543,6 +724,19 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_is_packed_as_the_redis_client_packs_it() {
+        let mut out = Vec::new();
+        write_publish(&mut out, b"udpchat", b"\x01 \r\n");
+        write_publish(&mut out, b"", b"");
+        let mut expected = redis::cmd("PUBLISH")
+            .arg(&b"udpchat"[..])
+            .arg(&b"\x01 \r\n"[..])
+            .get_packed_command();
+        expected.extend(redis::cmd("PUBLISH").arg("").arg("").get_packed_command());
+        assert_eq!(out, expected);
+    }
+
+    #[test]
     fn tls_configurations_can_be_built() {
         // What the Redis client does at each TLS connection: a config from the process's
         // provider (a panic if none could be chosen) with the system's roots.
@@ -559,9 +753,18 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_two_seconds() {
+    fn backoff_doubles_to_two_seconds_until_a_connection_stays_up() {
+        let t0 = Instant::now();
+        let ms = |b: &mut Backoff, at: Duration| b.next(t0 + at).as_millis() as u64;
         let mut b = Backoff::new();
-        let waits: Vec<u64> = (0..7).map(|_| b.next().as_millis() as u64).collect();
+        let waits: Vec<u64> = (0..7).map(|_| ms(&mut b, Duration::ZERO)).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1600, 2000, 2000]);
+        // Up, and lost at once: still 2 s.
+        b.up(t0);
+        assert_eq!(ms(&mut b, Duration::from_secs(1)), 2000);
+        // Up for STABLE: from 0.1 s again.
+        b.up(t0);
+        assert_eq!(ms(&mut b, STABLE), 100);
+        assert_eq!(ms(&mut b, STABLE), 200);
     }
 }

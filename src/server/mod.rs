@@ -122,8 +122,9 @@ struct Shared {
     /// Written when an event is queued for a waiting event loop, when the events queue closes,
     /// and as each thread ends, its panic kept (waiting loops then find the server dead).
     wakeup: Arc<Wakeup>,
-    /// The Redis channel shared with other servers, if any.
-    cluster: Option<Cluster>,
+    /// The Redis channel shared with other servers, if any: its threads hold it and nothing
+    /// else of the server's, since a stop may leave them ending after the socket is closed.
+    cluster: Option<Arc<Cluster>>,
 }
 
 pub struct Server {
@@ -168,7 +169,7 @@ impl Shared {
         let (cluster, publications) = match config.cluster.clone() {
             Some(cluster) => {
                 let (cluster, publications) = Cluster::new(cluster)?;
-                (Some(cluster), Some(publications))
+                (Some(Arc::new(cluster)), Some(publications))
             }
             None => (None, None),
         };
@@ -229,8 +230,8 @@ impl Server {
                 .workers
                 .spawn("udpchat-srv-tx", move || fanout::run(&shared, &stop, &jobs))?;
         }
-        if let Some(publications) = publications {
-            Self::start_cluster(&shared, &server.workers, publications, fanout_for_cluster)?;
+        if let (Some(cluster), Some(publications)) = (&shared.cluster, publications) {
+            Self::start_cluster(cluster, &server.workers, publications, fanout_for_cluster)?;
         }
         let mode = if shared.keys.is_some() {
             "validated"
@@ -245,24 +246,21 @@ impl Server {
     }
 
     /// The cluster's publisher and subscriber threads. They may be blocked in a connection
-    /// attempt or a command for up to a second, so a stop does not wait for them to end.
+    /// attempt or a command for up to a second, so a stop does not wait for them to end: they
+    /// hold no socket of the server's, which a new run may bind again at once.
     fn start_cluster(
-        shared: &Arc<Shared>,
+        cluster: &Arc<Cluster>,
         workers: &Workers,
         publications: Receiver<cluster::Batch>,
         fanout: Sender<Job>,
     ) -> Result<()> {
-        let (s, stop) = (Arc::clone(shared), Arc::clone(workers.stop()));
+        let (c, stop) = (Arc::clone(cluster), Arc::clone(workers.stop()));
         workers.spawn_lingering("udpchat-cluster-pub", move || {
-            if let Some(cluster) = &s.cluster {
-                cluster::publish(cluster, &stop, &publications);
-            }
+            cluster::publish(&c, &stop, &publications);
         })?;
-        let (s, stop) = (Arc::clone(shared), Arc::clone(workers.stop()));
+        let (c, stop) = (Arc::clone(cluster), Arc::clone(workers.stop()));
         workers.spawn_lingering("udpchat-cluster-sub", move || {
-            if let Some(cluster) = &s.cluster {
-                cluster::subscribe(cluster, &stop, &fanout);
-            }
+            cluster::subscribe(&c, &stop, &fanout);
         })
     }
 
