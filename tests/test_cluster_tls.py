@@ -315,8 +315,15 @@ def _chat(url: str) -> dict[str, Any]:
         assert servers[0].address is not None
         a.sendto(MESSAGE, servers[0].address)
         local, remote = _receive(a), _receive(b)
-        # Published on the first is not the same instant as counted received on the second.
-        _wait(lambda: servers[1].stats()["cluster_received"] > 0, 2)
+        # The counters move after the delivery: the first server counts its publication once
+        # Redis has answered the PUBLISH, which may be after the second server relayed it.
+        _wait(
+            lambda: (
+                servers[0].stats()["cluster_published"] > 0
+                and servers[1].stats()["cluster_received"] > 0
+            ),
+            2,
+        )
         stats = [_cluster_stats(s) for s in servers]
     finally:
         for server in servers:
