@@ -214,7 +214,6 @@ impl Server {
             events,
             ended: Mutex::new(false),
         };
-        let fanout_for_cluster = fanout.clone();
         fanout::start_helpers(&shared, &server.workers)?;
         {
             let (shared, stop) = (Arc::clone(&shared), Arc::clone(server.workers.stop()));
@@ -231,7 +230,12 @@ impl Server {
                 .spawn("udpchat-srv-tx", move || fanout::run(&shared, &stop, &jobs))?;
         }
         if let (Some(cluster), Some(publications)) = (&shared.cluster, publications) {
-            Self::start_cluster(cluster, &server.workers, publications, fanout_for_cluster)?;
+            Self::start_cluster(
+                cluster,
+                &server.workers,
+                publications,
+                server.fanout.clone(),
+            )?;
         }
         let mode = if shared.keys.is_some() {
             "validated"
