@@ -210,6 +210,28 @@ def cluster_stats(server: ChatServerUdp) -> dict[str, int]:
     return {k: v for k, v in server.stats().items() if k.startswith("cluster_")}
 
 
+Pair = tuple[ChatServerUdp, ChatServerUdp, Inbox, Inbox]
+
+
+@pytest.fixture
+def make_pair(make_member: MakeMember, make_inbox: MakeInbox) -> Callable[..., Pair]:
+    """Two members of the cluster at `url` (the second at `url_b` if given), both connected,
+    with a plain-socket client joined to each: `a, b, ia, ib`."""
+
+    def make(url: str, url_b: str | None = None) -> Pair:
+        a, b = make_member(url), make_member(url_b or url)
+        wait_connected(a, b)
+        ia, ib = make_inbox(), make_inbox()
+        join(ia, a)
+        join(ib, b)
+        return a, b, ia, ib
+
+    return make
+
+
+MakePair = Callable[..., Pair]
+
+
 # --- servers in processes of their own -----------------------------------------------------
 
 
@@ -466,14 +488,8 @@ def test_a_servers_own_publication_is_not_delivered_twice(
     assert len(a_id) == len(b_id) == 8 and a_id != b_id
 
 
-def test_only_what_a_server_relays_is_published(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
-) -> None:
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+def test_only_what_a_server_relays_is_published(redis: RedisServer, make_pair: MakePair) -> None:
+    a, b, ia, ib = make_pair(redis.url)
     # Control words, blanks and a server's output (which a server never relays: the loop
     # rules) are not chat messages: nothing goes on the channel for them.
     for data in [b"reg", b"^hb^", b"  \n", b"end", b"ack: 10.0.0.1 5\nforged\n", WELCOME]:
@@ -493,16 +509,12 @@ def test_only_what_a_server_relays_is_published(
 
 
 def test_a_publishing_connection_killed_while_quiet_loses_nothing(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+    redis: RedisServer, make_pair: MakePair
 ) -> None:
     # CLIENT KILL (or Redis's `timeout`) closes the publishing connection between messages: the
     # publisher checks a connection quiet for 100 ms before it writes, and the message goes out
     # on a new one rather than being dropped.
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+    a, _, ia, ib = make_pair(redis.url)
     for i in range(3):
         redis.command("CLIENT", "KILL", "TYPE", "normal")  # not the subscribed connections
         time.sleep(0.2)  # past the 100 ms check, well before the 1 s keepalive's PING
@@ -512,14 +524,8 @@ def test_a_publishing_connection_killed_while_quiet_loses_nothing(
     assert cluster_stats(a)["cluster_dropped"] == 0
 
 
-def test_presence_stays_per_server(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
-) -> None:
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+def test_presence_stays_per_server(redis: RedisServer, make_pair: MakePair) -> None:
+    a, b, ia, ib = make_pair(redis.url)
     ia.send(b"hello", a.address)
     assert ib.wait(1)
     assert set(a.clients) == set(a.peers()) == {ia.address}
@@ -582,13 +588,9 @@ def test_stop_closes_the_redis_connections_and_a_restart_is_a_new_member(
 
 
 def test_broadcast_crosses_servers_with_the_origin_servers_ack_line(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+    redis: RedisServer, make_pair: MakePair
 ) -> None:
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+    a, b, ia, ib = make_pair(redis.url)
     a.broadcast("from server a")
     b.broadcast(b"from server b \xff")
     want = {ack(a.address, b"from server a"), ack(b.address, b"from server b \xff")}
@@ -627,13 +629,9 @@ def malformed_messages() -> dict[str, bytes]:
 
 
 def test_foreign_and_malformed_messages_are_counted_and_ignored(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox, figure: Figure
+    redis: RedisServer, figure: Figure, make_pair: MakePair
 ) -> None:
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+    a, b, ia, ib = make_pair(redis.url)
     bad = malformed_messages()
     for name, data in bad.items():
         # Both servers are subscribed and get each one.
@@ -684,13 +682,9 @@ def test_well_formed_envelopes_from_elsewhere_are_fanned_out(
 
 
 def test_the_longest_message_crosses_byte_identical(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+    redis: RedisServer, make_pair: MakePair
 ) -> None:
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+    a, b, ia, ib = make_pair(redis.url)
     longest = MAX_DATAGRAM - len(ack(ia.address, b""))
     payload = bytes(range(256)) * (longest // 256) + b"z" * (longest % 256)
     ia.send(payload, a.address)
@@ -834,16 +828,12 @@ def test_redis_killed_mid_chat_then_restarted(
 
 
 def test_the_first_message_after_an_idle_outage_crosses(
-    redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+    redis: RedisServer, make_pair: MakePair
 ) -> None:
     # Redis goes and comes back while nobody talks: both connections of each server must be
     # up again once it says so, the publishing one included (which had nothing to send when
     # Redis went), so the very first message after it crosses.
-    a, b = make_member(redis.url), make_member(redis.url)
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+    a, b, ia, ib = make_pair(redis.url)
     redis.kill()
     assert wait_until(lambda: not connected(a) and not connected(b), timeout=CONNECT_TIMEOUT)
     time.sleep(0.5)
@@ -1149,15 +1139,11 @@ def test_channels_are_separate_chats(
     ids=["0-and-1", "a-database-redis-does-not-have", "resp3-asked-for"],
 )
 def test_database_numbers_share_one_chat(
-    paths: tuple[str, str], redis: RedisServer, make_member: MakeMember, make_inbox: MakeInbox
+    paths: tuple[str, str], redis: RedisServer, make_pair: MakePair
 ) -> None:
     # Pub/sub ignores the database number: /0 and /1 on one channel are one chat, and none is
     # selected (Redis has 16 by default). Messages are read as RESP2's whatever the URL asks.
-    a, b = make_member(redis.url + paths[0]), make_member(redis.url + paths[1])
-    wait_connected(a, b)
-    ia, ib = make_inbox(), make_inbox()
-    join(ia, a)
-    join(ib, b)
+    a, b, ia, ib = make_pair(redis.url + paths[0], redis.url + paths[1])
     ia.send(b"from db 0", a.address)
     ib.send(b"from db 1", b.address)
     assert ia.wait(2) and ib.wait(2)
